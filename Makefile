@@ -1,0 +1,30 @@
+# The newcomer path: `make run` and `make test` need nothing but python3.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,lint]'
+	touch $(STAMP)
+
+# Serve example_app on 127.0.0.1:8000 with every lifecycle event logged; Ctrl-C or TERM stops it.
+run: $(STAMP)
+	cp gunicorn.conf.py.example $(VENV)/gunicorn.conf.py
+	exec $(BIN)/gunicorn -c $(VENV)/gunicorn.conf.py example_app.app:app
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/mypy
+	$(BIN)/ruff check gunicorn_lifecycle tests benchmarks example_app
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,45 @@
+"""The heartbeat thread of a worker.
+
+A daemon thread that sleeps, then beats. Nobody ever waits for it: stopping
+only sets a flag, so it can never delay a worker's exit. ``time.sleep`` is
+taken at import, before a gevent worker patches the standard library, so the
+thread stays a real thread that the worker's event loop cannot starve.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+from .events import Log
+
+_sleep = time.sleep
+
+
+class Heartbeat:
+    """Calls ``beat`` every ``interval`` seconds until stopped."""
+
+    def __init__(self, interval: float, beat: Callable[[], None], log: Log) -> None:
+        self._interval = interval
+        self._beat = beat
+        self._log = log
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="gunicorn-lifecycle-heartbeat",
+                                        daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped = True
+
+    def _run(self) -> None:
+        while True:
+            _sleep(self._interval)
+            if self._stopped:
+                return
+            try:
+                self._beat()
+            except Exception:
+                self._log.exception("gunicorn_lifecycle: heartbeat failed")

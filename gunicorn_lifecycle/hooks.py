@@ -1,0 +1,171 @@
+"""Gunicorn's server hooks, and ``configure()``: the only module that knows Gunicorn.
+
+Each hook translates what Gunicorn hands it (the arbiter, a worker) into the
+master's or the worker's side of the lifecycle. A hook never takes the server
+down for a fault of ours: only a refused state file at start, and a user
+callback under ``on_error="raise"``, reach Gunicorn.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from .errors import LifecycleError
+from .lock import Lock, LockTimeout
+from .master import Master
+from .options import Callback, OnError, Options
+from .statefile import default_path, lock_path, open_for_server
+from .tracker import CallbackFailed, Tracker
+from .worker import Worker
+
+HOOKS = ("on_starting", "on_reload", "post_fork", "post_worker_init", "worker_exit",
+         "child_exit", "on_exit")
+
+
+class _Process:
+    """What this process knows: the latest options, and its role once it has one."""
+
+    configured: Options | None = None
+    master: Master | None = None
+    worker: Worker | None = None
+
+
+_here = _Process()
+
+
+def configure(
+    *,
+    master_start: Callback | None = None,
+    master_exit: Callback | None = None,
+    worker_start: Callback | None = None,
+    worker_exit: Callback | None = None,
+    worker_lost: Callback | None = None,
+    state_file: str | os.PathLike[str] | None = None,
+    interval: float = 10.0,
+    failed: float = 5.0,
+    lock_timeout: float = 30.0,
+    on_error: OnError = "log",
+    slots: int = 256,
+) -> None:
+    """Set the callbacks and options; call it from ``gunicorn.conf.py``.
+
+    Raises LifecycleError for a bad option. Calling it again (Gunicorn re-reads
+    its config on ``HUP``) sets what the generation opened by the reload uses.
+    """
+    _here.configured = Options(
+        master_start=master_start, master_exit=master_exit, worker_start=worker_start,
+        worker_exit=worker_exit, worker_lost=worker_lost,
+        state_file=None if state_file is None else os.fspath(state_file), interval=interval,
+        failed=failed, lock_timeout=lock_timeout, on_error=on_error, slots=slots)
+
+
+@contextmanager
+def _guard(server: Any, hook: str) -> Iterator[None]:
+    """Let refusals and raising callbacks through; log any other fault and carry on."""
+    try:
+        yield
+    except CallbackFailed as failed:
+        raise failed.error from None
+    except LifecycleError as exc:
+        server.log.error("gunicorn_lifecycle: %s", exc)
+        if hook == "on_starting":
+            raise
+    except LockTimeout:
+        pass  # logged, with the holder's pid, where it happened
+    except Exception:
+        server.log.exception("gunicorn_lifecycle: %s failed; the server carries on", hook)
+
+
+def _options(server: Any) -> Options:
+    if _here.configured is None:
+        server.log.warning("gunicorn_lifecycle: configure() was not called in the config "
+                           "file; running without callbacks")
+        _here.configured = Options()
+    return _here.configured
+
+
+def _check_wiring(server: Any) -> None:
+    """Log an error for each of our hooks that is left at Gunicorn's default."""
+    for name in HOOKS:
+        setting = server.cfg.settings.get(name)
+        if setting is not None and setting.get() is type(setting).default:
+            server.log.error("gunicorn_lifecycle: the %s hook is not wired; add "
+                             "`%s = gunicorn_lifecycle.%s` to the config file (or call it "
+                             "from your own %s)", name, name, name, name)
+
+
+def on_starting(server: Any) -> None:
+    """Open the state file and a generation: start, restart or upgrade."""
+    with _guard(server, "on_starting"):
+        options = _options(server)
+        path = options.state_file or default_path(server.cfg.bind)
+        lock = Lock(lock_path(path))
+        state = open_for_server(path, lock, options, owner=(server.cfg.uid, server.cfg.gid))
+        server.log.info("gunicorn_lifecycle: state file %s", path)
+        _check_wiring(server)
+        _here.master = Master(Tracker(state, lock, server.log), server, server.master_pid)
+        _here.master.start(options)
+
+
+def on_reload(server: Any) -> None:
+    """HUP: open a new generation with the options of the re-read config."""
+    master = _here.master
+    if master is None:
+        return
+    with _guard(server, "on_reload"):
+        options = _options(server)
+        if options.state_file not in (None, master.tracker.state.path):
+            server.log.warning("gunicorn_lifecycle: state_file changed on reload; it takes "
+                               "effect at the next start, %s stays in use",
+                               master.tracker.state.path)
+        master.reload(options)
+
+
+def post_fork(server: Any, worker: Any) -> None:
+    """In the new worker: register and run ``worker_start``."""
+    master, _here.master = _here.master, None
+    if master is None or not master.generations:
+        server.log.error("gunicorn_lifecycle: post_fork ran but no generation is open; wire "
+                         "`on_starting = gunicorn_lifecycle.on_starting`")
+        return
+    if _here.configured is not master.options:
+        server.log.error("gunicorn_lifecycle: the config was re-read but no new generation was "
+                         "opened; wire `on_reload = gunicorn_lifecycle.on_reload`")
+    with _guard(server, "post_fork"):
+        _here.worker = Worker(master.tracker, master.current, master.options, server, worker)
+        _here.worker.start()
+
+
+def post_worker_init(worker: Any) -> None:
+    """The worker loaded the application: mark its slot booted."""
+    if _here.worker is not None:
+        with _guard(worker, "post_worker_init"):
+            _here.worker.booted()
+
+
+def worker_exit(server: Any, worker: Any) -> None:
+    """The worker's own exit; in the master, a worker that vanished before it was signalled."""
+    if _here.worker is not None and worker.pid == os.getpid():
+        with _guard(server, "worker_exit"):
+            _here.worker.exit()
+    else:
+        child_exit(server, worker)
+
+
+def child_exit(server: Any, worker: Any) -> None:
+    """The master reaped a worker: lost, if it had not deregistered."""
+    master = _here.master
+    if master is not None and master.generations:
+        with _guard(server, "child_exit"):
+            master.reaped(worker.pid, worker)
+
+
+def on_exit(server: Any) -> None:
+    """The master exits: close its generations (stop, upgrade or rollback)."""
+    master = _here.master
+    if master is not None and master.generations:
+        with _guard(server, "on_exit"):
+            master.exit()

@@ -1,0 +1,37 @@
+"""Liveness of a process, proven by its pid *and* its start time.
+
+A pid alone is not an identity: the kernel reuses it. The start time (field 22
+of ``/proc/<pid>/stat``, in clock ticks since boot) pins one incarnation.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def start_time(pid: int) -> int | None:
+    """The start time of a running (non-zombie) process, or None if there is none."""
+    if pid <= 0:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses: split after the last ")".
+    fields = stat[stat.rfind(b")") + 2 :].split()
+    if len(fields) < 20 or fields[0] == b"Z":
+        return None
+    return int(fields[19])
+
+
+def is_alive(pid: int, started: int) -> bool:
+    """True when ``pid`` runs and is the same process that was recorded with ``started``."""
+    return started != 0 and start_time(pid) == started
+
+
+def own_start_time() -> int:
+    """This process's start time; it always exists."""
+    started = start_time(os.getpid())
+    assert started is not None
+    return started

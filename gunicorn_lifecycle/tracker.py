@@ -1,0 +1,159 @@
+"""The bookkeeping every process shares: transactions, counts, slots.
+
+A transaction holds the lock, lets the caller change the state, then runs the
+callbacks it queued, still under the lock: every change is complete before any
+user code runs, so a callback that raises cannot leave the state half-done.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from .events import Event, Log, run_callback
+from .layout import (
+    FREE_SLOT,
+    Generation,
+    GenerationState,
+    Slot,
+    SlotState,
+    StateView,
+)
+from .lock import Lock, LockTimeout
+from .options import Options
+from .statefile import StateFile
+
+LOCK_EVENTS = ("", "master_start", "master_exit", "worker_start", "worker_exit",
+               "worker_lost", "sweep", "booted", "register")
+
+
+class CallbackFailed(Exception):
+    """A user callback raised under ``on_error="raise"``; carries the original error."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(error)
+        self.error = error
+
+
+class Transaction:
+    """The state, open for changes, and the callbacks to run once they are made."""
+
+    def __init__(self, view: StateView) -> None:
+        self.view = view
+        self._calls: list[tuple[str, Event, Options]] = []
+
+    def emit(self, callback: str, event: Event, options: Options) -> None:
+        self._calls.append((callback, event, options))
+
+    def run_callbacks(self, log: Log) -> None:
+        failure: BaseException | None = None
+        for name, event, options in self._calls:
+            try:
+                run_callback(name, event, options, log)
+            except Exception as exc:
+                failure = failure or exc
+        if failure is not None:
+            raise CallbackFailed(failure)
+
+    # reading
+
+    def generation(self, number: int) -> tuple[int, Generation] | None:
+        for index, record in self.view.locked_generations():
+            if record.is_open and record.generation == number:
+                return index, record
+        return None
+
+    def open_generations(self) -> list[tuple[int, Generation]]:
+        found = [(i, g) for i, g in self.view.locked_generations() if g.is_open]
+        return sorted(found, key=lambda item: item[1].generation)
+
+    def counts(self, number: int) -> tuple[int | None, int, int | None]:
+        """Live workers of the nearest open generation below, of ``number``, and above."""
+        per_generation: dict[int, int] = {g.generation: 0 for _, g in self.open_generations()}
+        for _, slot in self.view.locked_slots():
+            if slot.registered and slot.generation in per_generation:
+                per_generation[slot.generation] += 1
+        older = [g for g in per_generation if g < number]
+        newer = [g for g in per_generation if g > number]
+        return (
+            per_generation[max(older)] if older else None,
+            per_generation.get(number, 0),
+            per_generation[min(newer)] if newer else None,
+        )
+
+    def event(self, number: int, pid: int, reason: str, *, worker_id: bool,
+              server: Any, worker: Any) -> Event:
+        n_prev, n_mine, n_next = self.counts(number)
+        event_id = f"{number}-{pid}" if worker_id else str(number)
+        return Event(event_id, n_prev, n_mine, n_next, reason, number, pid, server, worker)
+
+    # changing
+
+    def register(self, number: int, pid: int, started: int, overrun: float) -> int | None:
+        """Put a worker in a free slot; None when every slot is taken."""
+        now = time.monotonic_ns()
+        for index, slot in self.view.locked_slots():
+            if not slot.registered:
+                self.view.write_slot(index, Slot(0, SlotState.REGISTERED, 0, number, pid,
+                                                 started, now, int(overrun * 1e9)))
+                return index
+        return None
+
+    def deregister(self, index: int) -> None:
+        """Free a slot and count its worker as gone from its generation (for "respawn")."""
+        slot = self.view.locked_slot(index)
+        self.view.write_slot(index, FREE_SLOT)
+        found = self.generation(slot.generation)
+        if found is not None:
+            gen_index, record = found
+            self.view.write_generation(gen_index, record._replace(gone=record.gone + 1))
+
+    def lose(self, index: int, reason: str, options: Options, server: Any, worker: Any) -> None:
+        """A worker died without a word: drop it, then tell ``worker_lost``."""
+        slot = self.view.locked_slot(index)
+        self.deregister(index)
+        self.emit("worker_lost", self.event(slot.generation, slot.pid, reason, worker_id=True,
+                                            server=server, worker=worker), options)
+
+    def close(self, index: int, log: Log) -> None:
+        """Close a generation, dropping whatever slots it still holds."""
+        record = self.view.locked_generation(index)
+        for slot_index, slot in self.view.locked_slots():
+            if slot.registered and slot.generation == record.generation:
+                log.warning("gunicorn_lifecycle: dropping worker %s of closed generation %s",
+                            slot.pid, record.generation)
+                self.view.write_slot(slot_index, FREE_SLOT)
+        self.view.write_generation(index, record._replace(state=GenerationState.FREE))
+
+
+class Tracker:
+    """One state file and its lock, as seen from this process."""
+
+    def __init__(self, state: StateFile, lock: Lock, log: Log) -> None:
+        self.state = state
+        self.lock = lock
+        self.log = log
+
+    @property
+    def view(self) -> StateView:
+        return self.state.view
+
+    @contextmanager
+    def transaction(self, event: str, timeout: float) -> Iterator[Transaction]:
+        """Hold the lock for ``event``; log who holds it if it cannot be had in time."""
+        try:
+            with self.lock.hold(timeout):
+                self.view.set_holder(os.getpid(), LOCK_EVENTS.index(event))
+                transaction = Transaction(self.view)
+                yield transaction
+                transaction.run_callbacks(self.log)
+        except LockTimeout:
+            pid, code = self.view.holder()
+            held_for = LOCK_EVENTS[code] if code < len(LOCK_EVENTS) else "?"
+            self.log.error("gunicorn_lifecycle: gave up on %s in pid %s after %.1fs: the lock "
+                           "%s is held by pid %s (%s)", event, os.getpid(), timeout,
+                           self.lock.path, pid, held_for)
+            raise

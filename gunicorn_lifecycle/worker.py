@@ -1,0 +1,128 @@
+"""The worker's side: register, beat, sweep, deregister."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .events import Event
+from .heartbeat import Heartbeat
+from .layout import Slot
+from .lock import LockTimeout
+from .options import Options
+from .process import own_start_time
+from .tracker import Tracker, Transaction
+
+
+class Worker:
+    """One Gunicorn worker, registered in one slot of its master's generation."""
+
+    def __init__(self, tracker: Tracker, generation: int, options: Options, server: Any,
+                 worker: Any) -> None:
+        self.tracker = tracker
+        self.generation = generation
+        self.options = options
+        self.server = server
+        self.worker = worker
+        self.pid = os.getpid()
+        self.started = own_start_time()
+        self.index: int | None = None
+        self.heartbeat = Heartbeat(options.interval, self.beat, tracker.log)
+
+    def start(self) -> None:
+        """post_fork: register, start beating, then tell ``worker_start``."""
+        with self.tracker.transaction("worker_start", self.options.lock_timeout) as tx:
+            found = tx.generation(self.generation)
+            if found is None:
+                self.tracker.log.error("gunicorn_lifecycle: worker %s belongs to generation %s, "
+                                       "which is not open; it serves untracked", self.pid,
+                                       self.generation)
+                return
+            if not self._register(tx):
+                return
+            reason = "respawn" if found[1].gone else "spawn"
+            self.heartbeat.start()
+            tx.emit("worker_start", self._event(tx, reason), self.options)
+
+    def booted(self) -> None:
+        """post_worker_init: the application is loaded."""
+        with self.tracker.transaction("booted", self.options.lock_timeout) as tx:
+            if self._owns(tx.view.locked_slot, self.index):
+                assert self.index is not None
+                tx.view.write_slot(self.index, tx.view.locked_slot(self.index)._replace(booted=1))
+
+    def exit(self) -> None:
+        """worker_exit: tell ``worker_exit`` (counting itself), then deregister."""
+        self.heartbeat.stop()
+        with self.tracker.transaction("worker_exit", self.options.lock_timeout) as tx:
+            if not self._owns(tx.view.locked_slot, self.index):
+                self.tracker.log.info("gunicorn_lifecycle: worker %s exits after it was counted "
+                                      "as lost", self.pid)
+                return
+            assert self.index is not None
+            event = self._event(tx, "exit")
+            tx.deregister(self.index)
+            self.index = None
+            tx.emit("worker_exit", event, self.options)
+
+    def beat(self) -> None:
+        """One heartbeat: stamp the own slot, and sweep the node when a sweep is due."""
+        view = self.tracker.view
+        now = time.monotonic_ns()
+        try:
+            if self._owns(view.consistent_slot, self.index):
+                assert self.index is not None
+                view.write_heartbeat(self.index, now)
+            else:
+                self._register_again()
+            if now - view.last_sweep() >= self.options.interval * 1e9:
+                self._sweep()
+        except LockTimeout:
+            pass  # the transaction logged who holds the lock; the next beat tries again
+
+    def _sweep(self) -> None:
+        """Drop every worker whose heartbeat overran; at most once per interval node-wide."""
+        with self.tracker.transaction("sweep", self.options.lock_timeout) as tx:
+            now = time.monotonic_ns()
+            if now - tx.view.last_sweep() < self.options.interval * 1e9:
+                return
+            tx.view.set_last_sweep(now)
+            for index, slot in tx.view.locked_slots():
+                if slot.registered and now - slot.heartbeat > slot.overrun:
+                    tx.lose(index, "heartbeat", self.options, self.server, None)
+
+    def _register_again(self) -> None:
+        """A sweep took us for lost while we were only slow: come back, without callbacks."""
+        with self.tracker.transaction("register", self.options.lock_timeout) as tx:
+            if self._owns(tx.view.locked_slot, self.index) or tx.generation(
+                self.generation
+            ) is None:
+                return
+            self.tracker.log.warning("gunicorn_lifecycle: worker %s was counted as lost (its "
+                                     "heartbeat overran) but is alive; registered again",
+                                     self.pid)
+            self._register(tx)
+
+    def _register(self, tx: Transaction) -> bool:
+        self.index = tx.register(self.generation, self.pid, self.started, self.options.overrun)
+        if self.index is None:
+            self.tracker.log.error("gunicorn_lifecycle: state file %s has no free slot for "
+                                   "worker %s (all %s taken); it serves untracked. Remove the "
+                                   "file while no server runs and raise `slots`",
+                                   tx.view.path, self.pid, tx.view.slots)
+            return False
+        if self.worker is not None and getattr(self.worker, "booted", False):
+            tx.view.write_slot(self.index, tx.view.locked_slot(self.index)._replace(booted=1))
+        return True
+
+    def _owns(self, read: Callable[[int], Slot], index: int | None) -> bool:
+        if index is None:
+            return False
+        slot = read(index)
+        return slot.registered and slot.pid == self.pid and slot.started == self.started
+
+    def _event(self, tx: Transaction, reason: str) -> Event:
+        return tx.event(self.generation, self.pid, reason, worker_id=True, server=self.server,
+                        worker=self.worker)

@@ -1,0 +1,230 @@
+"""Real Gunicorn masters and workers for the tests, and ways to wait on them.
+
+Every callback of the generated config appends one JSON line to a record file,
+with the event's fields and the pid of the process that ran it; the tests read
+that record. Nothing of Gunicorn is mocked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+CALLBACKS = ("master_start", "master_exit", "worker_start", "worker_exit", "worker_lost")
+HOOKS = ("on_starting", "on_reload", "post_fork", "post_worker_init", "worker_exit",
+         "child_exit", "on_exit")
+
+CONF = '''\
+import json, os, time
+import gunicorn_lifecycle
+
+RECORD = {record!r}
+RAISE = {raising!r}
+
+def _record(name):
+    def callback(event):
+        line = json.dumps({{
+            "cb": name, "id": event.id, "n_prev": event.n_prev, "n_mine": event.n_mine,
+            "n_next": event.n_next, "reason": event.reason, "generation": event.generation,
+            "pid": event.pid, "in_pid": os.getpid(), "t": time.monotonic(),
+            "has_server": event.server is not None, "has_worker": event.worker is not None,
+        }})
+        fd = os.open(RECORD, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        os.write(fd, (line + "\\n").encode())
+        os.close(fd)
+        if name in RAISE:
+            raise RuntimeError("callback %s raised on purpose" % name)
+    return callback
+
+gunicorn_lifecycle.configure(
+    **{{name: _record(name) for name in {callbacks!r}}},
+    **{options!r},
+)
+
+bind = {bind!r}
+workers = {workers!r}
+control_socket_disable = True
+graceful_timeout = 10
+{settings}
+{hooks}
+'''
+
+
+def wait_for(condition: Callable[[], Any], what: str, timeout: float = 15.0) -> Any:
+    """Poll ``condition`` until it returns something truthy; fail naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+
+
+class Server:
+    """One Gunicorn instance (and any master it re-executes), run from a generated config."""
+
+    def __init__(self, directory: Path, *, workers: int = 2, settings: str = "",
+                 raising: tuple[str, ...] = (), hooks: tuple[str, ...] = HOOKS,
+                 **options: Any) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        self.record = directory / "events.jsonl"
+        self.log = directory / "gunicorn.log"
+        self.sock = str(directory / "http.sock")
+        self.state_file = str(options.setdefault("state_file", str(directory / "lifecycle.state")))
+        options.setdefault("interval", 0.5)
+        options.setdefault("failed", 0.5)
+        self.conf = directory / "gunicorn.conf.py"
+        self.conf.write_text(CONF.format(
+            record=str(self.record), raising=raising, callbacks=CALLBACKS, options=options,
+            bind=f"unix:{self.sock}", workers=workers, settings=settings,
+            hooks="\n".join(f"{h} = gunicorn_lifecycle.{h}" for h in hooks)))
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, wait_workers: int | None = None) -> Server:
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "gunicorn", "-c", str(self.conf),
+                 "--pythonpath", str(REPO), "example_app.app:app"],
+                cwd=self.directory, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True)
+        if wait_workers:
+            self.wait_count("worker_start", wait_workers)
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    # observing
+
+    def events(self, cb: str | None = None, **match: Any) -> list[dict[str, Any]]:
+        try:
+            lines = self.record.read_text().splitlines()
+        except FileNotFoundError:
+            return []
+        found = [json.loads(line) for line in lines if line.endswith("}")]
+        return [e for e in found if (cb is None or e["cb"] == cb)
+                and all(e.get(k) == v for k, v in match.items())]
+
+    def wait_count(self, cb: str, count: int, timeout: float = 15.0,
+                   **match: Any) -> list[dict[str, Any]]:
+        """Wait until at least ``count`` events match, then return them all."""
+        wait_for(lambda: len(self.events(cb, **match)) >= count,
+                 f"{count} {cb} events matching {match} (log: {self.log_tail()})", timeout)
+        return self.events(cb, **match)
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def log_tail(self, lines: int = 15) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+    def live_workers(self, master: int) -> list[int]:
+        """The pids whose parent is ``master``, from /proc."""
+        children = Path(f"/proc/{master}/task/{master}/children")
+        try:
+            return [int(p) for p in children.read_text().split()]
+        except FileNotFoundError:
+            return []
+
+    def request(self, path: str = "/") -> bytes:
+        with socket.socket(socket.AF_UNIX) as client:
+            client.settimeout(10)
+            client.connect(self.sock)
+            client.sendall(f"GET {path} HTTP/1.0\r\n\r\n".encode())
+            chunks = []
+            while chunk := client.recv(65536):
+                chunks.append(chunk)
+        return b"".join(chunks)
+
+    # acting
+
+    def signal(self, sig: int, pid: int | None = None) -> None:
+        os.kill(self.pid if pid is None else pid, sig)
+
+    def wait_exit(self, pid: int | None = None, timeout: float = 20.0) -> None:
+        target = self.pid if pid is None else pid
+        if target == self.pid:
+            assert self.proc is not None
+            proc = self.proc
+            wait_for(lambda: proc.poll() is not None, f"master {target} to exit", timeout)
+        else:
+            wait_for(lambda: not alive(target), f"process {target} to exit", timeout)
+
+    def stop(self) -> None:
+        self.signal(signal.SIGTERM)
+        self.wait_exit()
+
+    def kill_all(self) -> None:
+        """Tear down: every process of the instance's session, whatever state it is in."""
+        if self.proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.pid, signal.SIGKILL)
+        self.proc.wait()
+
+
+def alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat[stat.rfind(")") + 2] != "Z"
+
+
+def check_record(events: list[dict[str, Any]], closed: bool = True) -> None:
+    """Replay the record (written under the lock, so in lock order) and check every count.
+
+    Each event's n_prev, n_mine and n_next must equal what the events before it
+    imply; each generation gets exactly one master_start and at most one
+    master_exit; each worker exactly one worker_start and, when ``closed``,
+    exactly one of worker_exit or worker_lost.
+    """
+    live: dict[int, int] = {}  # open generation -> live workers
+    started: dict[str, int] = {}
+    ended: dict[str, int] = {}
+    for n, e in enumerate(events):
+        g, cb = e["generation"], e["cb"]
+        where = f"event #{n} {e}"
+        if cb == "master_start":
+            assert g not in live and e["id"] == str(g), where
+            live[g] = 0
+        assert g in live, f"{where}: generation {g} is not open"
+        if cb == "worker_start":
+            assert e["id"] == f"{g}-{e['pid']}" and e["id"] not in started, where
+            started[e["id"]] = n
+            live[g] += 1
+        expected_mine = live[g]
+        if cb in ("worker_exit", "worker_lost"):
+            assert e["id"] in started and e["id"] not in ended, f"{where}: ended twice/unstarted"
+            ended[e["id"]] = n
+            live[g] -= 1
+            if cb == "worker_lost":
+                expected_mine = live[g]
+        if cb.startswith("master"):
+            expected_mine = 0
+        older = [k for k in live if k < g]
+        newer = [k for k in live if k > g]
+        assert e["n_mine"] == expected_mine, f"{where}: n_mine should be {expected_mine}"
+        assert e["n_prev"] == (live[max(older)] if older else None), f"{where}: n_prev"
+        assert e["n_next"] == (live[min(newer)] if newer else None), f"{where}: n_next"
+        if cb == "master_exit":
+            assert live[g] == 0, f"{where}: generation closed with live workers"
+            del live[g]
+    if closed:
+        assert set(started) == set(ended), f"workers never ended: {set(started) - set(ended)}"
