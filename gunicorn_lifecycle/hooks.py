@@ -58,7 +58,7 @@ def configure(
     _here.configured = Options(
         master_start=master_start, master_exit=master_exit, worker_start=worker_start,
         worker_exit=worker_exit, worker_lost=worker_lost,
-        state_file=None if state_file is None else os.fspath(state_file), interval=interval,
+        state_file=state_file, interval=interval,
         failed=failed, lock_timeout=lock_timeout, on_error=on_error, slots=slots)
 
 
@@ -101,7 +101,7 @@ def on_starting(server: Any) -> None:
     """Open the state file and a generation: start, restart or upgrade."""
     with _guard(server, "on_starting"):
         options = _options(server)
-        path = options.state_file or default_path(server.cfg.bind)
+        path = options.state_path or default_path(server.cfg.bind)
         lock = Lock(lock_path(path))
         state = open_for_server(path, lock, options, owner=(server.cfg.uid, server.cfg.gid))
         server.log.info("gunicorn_lifecycle: state file %s", path)
@@ -117,7 +117,7 @@ def on_reload(server: Any) -> None:
         return
     with _guard(server, "on_reload"):
         options = _options(server)
-        if options.state_file not in (None, master.tracker.state.path):
+        if options.state_path not in (None, master.tracker.state.path):
             server.log.warning("gunicorn_lifecycle: state_file changed on reload; it takes "
                                "effect at the next start, %s stays in use",
                                master.tracker.state.path)

@@ -27,7 +27,7 @@ class Options:
     worker_start: Callback | None = None
     worker_exit: Callback | None = None
     worker_lost: Callback | None = None
-    state_file: str | None = None
+    state_file: str | os.PathLike[str] | None = None
     interval: float = 10.0
     failed: float = 5.0
     lock_timeout: float = 30.0
@@ -55,6 +55,11 @@ class Options:
                 raise LifecycleError("state_file must be a path (str or os.PathLike) or None "
                                      f"for the default; got {self.state_file!r}")
             object.__setattr__(self, "state_file", os.path.abspath(os.fspath(self.state_file)))
+
+    @property
+    def state_path(self) -> str | None:
+        """``state_file`` as an absolute path, or None for the default."""
+        return None if self.state_file is None else os.fspath(self.state_file)
 
     @property
     def overrun(self) -> float:

@@ -1,0 +1,134 @@
+"""How the hooks meet Gunicorn: wiring mistakes, odd hook calls, state ownership, make run."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+from gunicorn_lifecycle import layout
+from gunicorn_lifecycle.statefile import open_for_reading
+from harness import HOOKS, REPO, Server, check_record, wait_for
+
+Make = Callable[..., Server]
+
+STEAL_THE_REAP = '''
+def nworkers_changed(server, new_value, old_value):
+    """On TTOU, make the worker Gunicorn is about to signal vanish before it does."""
+    import os, signal
+    if old_value is not None and new_value < old_value:
+        oldest = min(server.WORKERS.values(), key=lambda w: w.age)
+        os.kill(oldest.pid, signal.SIGKILL)
+        os.waitpid(oldest.pid, 0)
+'''
+
+
+def test_worker_exit_called_in_the_master_is_not_the_workers_exit(server: Make) -> None:
+    s = server(workers=2, settings=STEAL_THE_REAP, interval=30.0).start(wait_workers=2)
+    oldest = s.events("worker_start")[0]["pid"]
+    s.signal(signal.SIGTTOU)
+    lost = s.wait_count("worker_lost", 1)[0]
+    assert lost["pid"] == oldest and lost["in_pid"] == s.pid and lost["reason"] == "crash"
+    s.stop()
+    assert not s.events("worker_exit", pid=oldest)
+    check_record(s.events())
+
+
+def test_post_worker_init_marks_workers_booted(server: Make) -> None:
+    s = server(workers=2).start(wait_workers=2)
+
+    def booted() -> set[int]:
+        v = open_for_reading(s.state_file).view
+        slots = [v.consistent_slot(i) for i in range(v.slots)]
+        return {x.pid for x in slots if x.registered and x.booted}
+
+    pids = {e["pid"] for e in s.events("worker_start")}
+    wait_for(lambda: booted() == pids, f"workers {pids} marked booted")
+    s.stop()
+
+
+def test_a_hook_left_unwired_is_named_in_the_log(server: Make) -> None:
+    s = server(workers=1, hooks=tuple(h for h in HOOKS if h != "child_exit"))
+    s.start(wait_workers=1)
+    wait_for(lambda: "the child_exit hook is not wired" in s.log_text(), "the wiring error")
+    s.stop()
+
+
+def test_post_fork_without_on_starting_is_named_in_the_log(server: Make) -> None:
+    s = server(workers=1, hooks=tuple(h for h in HOOKS if h != "on_starting")).start()
+    wait_for(lambda: "wire `on_starting = gunicorn_lifecycle.on_starting`" in s.log_text(),
+             "the missing on_starting error")
+    assert s.request().startswith(b"HTTP/1.0 200")
+    s.stop()
+    assert s.events() == []
+
+
+def test_reload_without_on_reload_is_named_in_the_log(server: Make) -> None:
+    s = server(workers=1, hooks=tuple(h for h in HOOKS if h != "on_reload"))
+    s.start(wait_workers=1)
+    s.signal(signal.SIGHUP)
+    wait_for(lambda: "wire `on_reload = gunicorn_lifecycle.on_reload`" in s.log_text(),
+             "the missing on_reload error")
+    s.stop()
+
+
+def test_a_second_instance_on_the_same_state_file_is_refused(server: Make) -> None:
+    first = server(workers=1).start(wait_workers=1)
+    assert first.request().startswith(b"HTTP/1.0 200")  # booted: its slot is settled
+    before = _snapshot(first.state_file)
+    second = server(workers=1, state_file=first.state_file).start()
+    second.wait_exit()
+    assert second.proc is not None and second.proc.returncode != 0
+    assert f"in use by the live Gunicorn master {first.pid}" in second.log_text()
+    assert _snapshot(first.state_file) == before
+    assert first.request().startswith(b"HTTP/1.0 200")
+    first.stop()
+    check_record(first.events())
+
+
+def test_state_file_is_private_and_printed_at_start(server: Make) -> None:
+    s = server(workers=1).start(wait_workers=1)
+    assert os.stat(s.state_file).st_mode & 0o777 == 0o600
+    assert f"state file {s.state_file}" in s.log_text()
+    assert len(Path(s.state_file).read_bytes()) == layout.file_size(256)
+    s.stop()
+
+
+def test_make_run_serves_logs_events_and_stops_on_term(tmp_path: Path) -> None:
+    log = tmp_path / "make-run.log"
+    with open(log, "wb") as out:
+        make = subprocess.Popen(["make", "--no-print-directory", "run", f"VENV={sys.prefix}"],
+                                cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        body = wait_for(lambda: _get("http://127.0.0.1:8000/"), "make run to serve on :8000", 60)
+        assert body.startswith(b"hello from worker")
+        wait_for(lambda: "lifecycle worker_start" in log.read_text(), "worker_start in the log")
+        assert "lifecycle master_start id=" in log.read_text()
+        os.killpg(make.pid, signal.SIGTERM)
+        make.wait(timeout=10)
+        wait_for(lambda: "reason=stop" in log.read_text(), "master_exit(stop) in the log", 10)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(make.pid, signal.SIGKILL)
+
+
+def _snapshot(state_file: str) -> tuple[object, ...]:
+    """Generations and registered workers: all but the heartbeat stamps, which move."""
+    v = open_for_reading(state_file).view
+    generations = [v.consistent_generation(i) for i in range(layout.GENERATIONS)]
+    slots = [v.consistent_slot(i)._replace(heartbeat=0) for i in range(v.slots)]
+    return v.next_generation(), generations, slots
+
+
+def _get(url: str) -> bytes | None:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return bytes(response.read())
+    except OSError:
+        return None
