@@ -1,0 +1,1 @@
+"""Benchmarks against bare Gunicorn and a naive tracker, run by ``make bench``."""
