@@ -217,3 +217,32 @@ def test_raising_callback_reaches_gunicorn_with_on_error_raise(server: Make) -> 
     assert s.proc is not None and s.proc.returncode != 0
     assert "callback master_start raised on purpose" in s.log_text()
     assert not s.events("worker_start")
+
+
+def test_default_state_path_is_shared_across_usr2(server: Make) -> None:
+    s = server(workers=1, state_file=None).start(wait_workers=1)
+    s.signal(signal.SIGUSR2)
+    upgrade = s.wait_count("master_start", 1, reason="upgrade")[0]
+    assert upgrade["n_prev"] == 1
+    s.wait_count("worker_start", 1, generation=upgrade["generation"])
+    paths = [line.split("state file ")[1] for line in s.log_text().splitlines()
+             if "gunicorn_lifecycle: state file " in line]
+    assert len(paths) == 2 and paths[0] == paths[1], paths
+    s.signal(signal.SIGTERM, upgrade["in_pid"])
+    s.wait_exit(upgrade["in_pid"])
+    s.stop()
+    check_record(s.events())
+    os.unlink(paths[0])
+    os.unlink(paths[0] + ".lock")
+
+
+def test_no_thread_in_the_master_and_no_delayed_exit(server: Make) -> None:
+    s = server(workers=2, interval=60.0).start(wait_workers=2)
+    assert s.request().startswith(b"HTTP/1.0 200")
+    assert os.listdir(f"/proc/{s.pid}/task") == [str(s.pid)], "the master runs one thread"
+    workers = [e["pid"] for e in s.events("worker_start")]
+    assert all(len(os.listdir(f"/proc/{pid}/task")) == 2 for pid in workers), "one heartbeat"
+    stopping = time.monotonic()
+    s.stop()
+    assert time.monotonic() - stopping < 5.0, "a 60 s heartbeat sleep must not hold the exit"
+    check_record(s.events())
