@@ -9,6 +9,7 @@ callback under ``on_error="raise"``, reach Gunicorn.
 from __future__ import annotations
 
 import os
+import runpy
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -60,6 +61,34 @@ def configure(
         worker_exit=worker_exit, worker_lost=worker_lost,
         state_file=state_file, interval=interval,
         failed=failed, lock_timeout=lock_timeout, on_error=on_error, slots=slots)
+
+
+def state_path_for_config(config_file: str | None) -> str:
+    """The state file the hooks use when Gunicorn runs with ``config_file``.
+
+    The config file is executed as Gunicorn would: its ``configure()`` call
+    gives ``state_file``, its ``bind`` the default path. Without a config file,
+    Gunicorn's defaults apply (``./gunicorn.conf.py`` if there is one).
+    """
+    from gunicorn.config import Config, get_default_config_file
+
+    config_file = config_file or get_default_config_file()
+    cfg = Config()
+    _here.configured = None
+    if config_file is not None:
+        if not os.path.isfile(config_file):
+            raise LifecycleError(f"config file {config_file} does not exist")
+        try:
+            namespace = runpy.run_path(config_file)
+            if "bind" in namespace:
+                cfg.set("bind", namespace["bind"])
+        except LifecycleError:
+            raise
+        except Exception as exc:
+            raise LifecycleError(f"config file {config_file} failed to load: "
+                                 f"{type(exc).__name__}: {exc}") from None
+    options = _here.configured
+    return (options.state_path if options else None) or default_path(cfg.bind)
 
 
 @contextmanager

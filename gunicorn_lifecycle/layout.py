@@ -48,7 +48,7 @@ _SEQ = struct.Struct("<I")
 _HEARTBEAT = struct.Struct("<q")
 _HEARTBEAT_AT = 32
 
-_READ_TRIES = 10_000
+_READ_TRIES = 1_000
 
 
 class GenerationState(enum.IntEnum):

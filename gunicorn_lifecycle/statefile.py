@@ -111,6 +111,8 @@ def _create(path: str, slots: int, owner: tuple[int, int]) -> int:
 
 def _check_file(path: str, fd: int, owners: set[int] | None) -> None:
     info = os.fstat(fd)
+    if stat.S_ISDIR(info.st_mode):
+        raise _refusal(path, OSError(errno.EISDIR, os.strerror(errno.EISDIR)))
     if not stat.S_ISREG(info.st_mode):
         raise LifecycleError(f"state file {path} is not a regular file; remove it "
                              "or choose another state_file")
