@@ -13,10 +13,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from harness import Server, wait_for
-
 from gunicorn_lifecycle import layout
 from gunicorn_lifecycle.status import read_status
+from harness import Server, wait_for
 
 Make = Callable[..., Server]
 
