@@ -113,10 +113,15 @@ class Master:
 
     def _close(self, tx: Transaction, index: int, record: Generation, reason: str) -> None:
         number = record.generation
+        options = self.generations.pop(number)
+        for slot_index, slot in tx.view.locked_slots():
+            # Gunicorn never reaped it (say, killed at the end of graceful_timeout): lost.
+            if slot.registered and slot.generation == number:
+                tx.lose(slot_index, "crash", options, self.server, None)
         tx.close(index, self.tracker.log)
         event = tx.event(number, self.pid, reason, worker_id=False, server=self.server,
                          worker=None)
-        tx.emit("master_exit", event, self.generations.pop(number))
+        tx.emit("master_exit", event, options)
 
     def _exit_reason(self, tx: Transaction, record: Generation) -> str:
         if record.state == GenerationState.SUPERSEDED:

@@ -27,9 +27,13 @@ def snapshot(view: StateView) -> dict[str, Any]:
     generations: dict[int, dict[str, Any]] = {}
     for index in range(GENERATIONS):
         record = view.consistent_generation(index)
-        if record.state not in tuple(GenerationState) or record.reason >= len(MASTER_REASONS):
+        if record.state not in tuple(GenerationState) or record.reason >= len(MASTER_REASONS) or (
+            record.is_open and record.reason == 0
+        ):
             raise _corrupt(view, f"generation record {index}")
         if record.is_open:
+            if record.generation in generations:
+                raise _corrupt(view, f"generation {record.generation} (twice)")
             generations[record.generation] = {
                 "generation": record.generation,
                 "master_pid": record.master_pid,

@@ -56,6 +56,8 @@ class Worker:
     def exit(self) -> None:
         """worker_exit: tell ``worker_exit`` (counting itself), then deregister."""
         self.heartbeat.stop()
+        if self.index is None:
+            return  # never tracked: no slot was free, or the lock could not be had
         with self.tracker.transaction("worker_exit", self.options.lock_timeout) as tx:
             if not self._owns(tx.view.locked_slot, self.index):
                 self.tracker.log.info("gunicorn_lifecycle: worker %s exits after it was counted "

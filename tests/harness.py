@@ -30,6 +30,7 @@ import gunicorn_lifecycle
 
 RECORD = {record!r}
 RAISE = {raising!r}
+BLOCK = {block!r}
 
 def _record(name):
     def callback(event):
@@ -42,6 +43,12 @@ def _record(name):
         fd = os.open(RECORD, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         os.write(fd, (line + "\\n").encode())
         os.close(fd)
+        if name in BLOCK:  # block once, in the first process that gets here
+            try:
+                os.close(os.open(RECORD + "." + name, os.O_CREAT | os.O_EXCL))
+                time.sleep(BLOCK[name])
+            except FileExistsError:
+                pass
         if name in RAISE:
             raise RuntimeError("callback %s raised on purpose" % name)
     return callback
@@ -76,7 +83,8 @@ class Server:
     """One Gunicorn instance (and any master it re-executes), run from a generated config."""
 
     def __init__(self, directory: Path, *, workers: int = 2, settings: str = "",
-                 raising: tuple[str, ...] = (), hooks: tuple[str, ...] = HOOKS,
+                 raising: tuple[str, ...] = (), block: dict[str, float] | None = None,
+                 hooks: tuple[str, ...] = HOOKS,
                  **options: Any) -> None:
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
@@ -88,15 +96,19 @@ class Server:
         options.setdefault("failed", 0.5)
         self.conf = directory / "gunicorn.conf.py"
         self.conf.write_text(CONF.format(
-            record=str(self.record), raising=raising, callbacks=CALLBACKS, options=options,
+            record=str(self.record), raising=raising, block=block or {}, callbacks=CALLBACKS,
+            options=options,
             bind=f"unix:{self.sock}", workers=workers, settings=settings,
             hooks="\n".join(f"{h} = gunicorn_lifecycle.{h}" for h in hooks)))
+        self.record.touch(mode=0o666)  # writable by workers that dropped privileges
+        self.record.chmod(0o666)
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, wait_workers: int | None = None) -> Server:
+    def start(self, wait_workers: int | None = None, prefix: tuple[str, ...] = ()) -> Server:
+        """Run Gunicorn (behind the ``prefix`` command, if any); wait for its first workers."""
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "gunicorn", "-c", str(self.conf),
+                [*prefix, sys.executable, "-m", "gunicorn", "-c", str(self.conf),
                  "--pythonpath", str(REPO), "example_app.app:app"],
                 cwd=self.directory, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True)

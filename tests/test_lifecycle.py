@@ -246,3 +246,15 @@ def test_no_thread_in_the_master_and_no_delayed_exit(server: Make) -> None:
     s.stop()
     assert time.monotonic() - stopping < 5.0, "a 60 s heartbeat sleep must not hold the exit"
     check_record(s.events())
+
+
+def test_a_worker_still_stuck_at_stop_is_lost_exactly_once(server: Make) -> None:
+    s = server(workers=2, interval=30.0, settings="timeout = 0\ngraceful_timeout = 1")
+    s.start(wait_workers=2)
+    stuck = s.events("worker_start")[0]["pid"]
+    os.kill(stuck, signal.SIGSTOP)  # it cannot exit: Gunicorn SIGKILLs it after graceful_timeout
+    s.stop()
+    lost = only(s.events("worker_lost"))
+    assert lost["pid"] == stuck and lost["reason"] == "crash" and lost["in_pid"] == s.pid
+    assert only(s.events("master_exit"))["reason"] == "stop"
+    check_record(s.events())

@@ -1,0 +1,312 @@
+"""Hostile and broken inputs, privilege drop, churn, pid reuse (on real Gunicorn)."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gunicorn_lifecycle import layout
+from gunicorn_lifecycle.process import own_start_time
+from gunicorn_lifecycle.status import read_status
+from harness import Server, check_record, wait_for
+
+Make = Callable[..., Server]
+NOBODY = pwd.getpwnam("nobody")
+
+
+def valid_file() -> bytes:
+    return layout.new_file(8)
+
+
+def header(version: int = layout.VERSION, slots: int = 8) -> bytes:
+    return layout.HEADER.pack(layout.MAGIC, version, layout.GENERATIONS, slots, 1, 0, 0, 0)
+
+
+BAD_CONTENTS = {
+    "random bytes": (os.urandom(layout.file_size(8)), "wrong magic"),
+    "truncated": (valid_file()[:100], "need"),
+    "empty": (b"", "only 0 bytes"),
+    "wrong magic": (b"NOTOURS!" + valid_file()[8:], "wrong magic"),
+    "newer version": (header(version=2).ljust(layout.file_size(8), b"\0"), "format version 2"),
+    "wrong size": (valid_file() + b"\0" * layout.SLOT.size, "need"),
+}
+
+
+def refused(s: Server, message: str) -> None:
+    """Gunicorn exits non-zero, naming the problem, and no worker ever started."""
+    s.start()
+    s.wait_exit()
+    assert s.proc is not None and s.proc.returncode != 0
+    log = s.log_text()
+    assert message in log, log
+    assert not s.events("worker_start")
+
+
+@pytest.mark.parametrize("case", BAD_CONTENTS)
+def test_a_state_file_that_is_not_ours_is_refused_and_untouched(
+    server: Make, tmp_path: Path, case: str
+) -> None:
+    content, message = BAD_CONTENTS[case]
+    path = tmp_path / "user.state"
+    path.write_bytes(content)
+    path.chmod(0o600)
+    refused(server(state_file=str(path)), message)
+    assert f"state file {path}" in server_log_of(tmp_path)
+    assert path.read_bytes() == content
+
+
+def server_log_of(tmp_path: Path) -> str:
+    return "".join(p.read_text() for p in tmp_path.glob("instance*/gunicorn.log"))
+
+
+def test_a_symlink_is_refused_and_its_target_untouched(server: Make, tmp_path: Path) -> None:
+    target = tmp_path / "precious.txt"
+    target.write_bytes(b"the user's data")
+    link = tmp_path / "link.state"
+    link.symlink_to(target)
+    refused(server(state_file=str(link)), "is a symbolic link")
+    assert target.read_bytes() == b"the user's data" and link.is_symlink()
+
+
+def test_a_directory_is_refused(server: Make, tmp_path: Path) -> None:
+    (tmp_path / "dir.state").mkdir()
+    refused(server(state_file=str(tmp_path / "dir.state")), "is a directory")
+
+
+def test_a_fifo_is_refused(server: Make, tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "fifo.state", 0o600)
+    refused(server(state_file=str(tmp_path / "fifo.state")), "is not a regular file")
+
+
+def test_a_file_of_another_owner_is_refused(server: Make, tmp_path: Path) -> None:
+    path = tmp_path / "theirs.state"
+    path.write_bytes(valid_file())
+    path.chmod(0o600)
+    os.chown(path, NOBODY.pw_uid, NOBODY.pw_gid)
+    refused(server(state_file=str(path)), f"is owned by uid {NOBODY.pw_uid}")
+    assert path.read_bytes() == valid_file()
+
+
+@pytest.mark.parametrize("mode", [0o620, 0o602, 0o666])
+def test_a_file_writable_by_others_is_refused(server: Make, tmp_path: Path, mode: int) -> None:
+    path = tmp_path / "open.state"
+    path.write_bytes(valid_file())
+    path.chmod(mode)
+    refused(server(state_file=str(path)), "is writable by group or others")
+    assert path.read_bytes() == valid_file() and path.stat().st_mode & 0o777 == mode
+
+
+def test_a_missing_directory_is_refused(server: Make, tmp_path: Path) -> None:
+    refused(server(state_file=str(tmp_path / "nowhere" / "x.state")), "does not exist")
+    assert not (tmp_path / "nowhere").exists()
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A directory that an unprivileged user can traverse (pytest's tmp_path is 0700)."""
+    directory = Path(tempfile.mkdtemp(prefix="lifecycle-"))
+    directory.chmod(0o755)
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_an_unwritable_directory_is_refused(server: Make, tmp_path: Path) -> None:
+    readonly = tmp_path / "readonly"
+    readonly.mkdir(mode=0o555)
+    s = server(state_file=str(readonly / "x.state"))
+    s.start(prefix=("setpriv", "--bounding-set", "-dac_override"))  # root, bound by modes
+    s.wait_exit()
+    assert s.proc is not None and s.proc.returncode != 0
+    assert f"directory {readonly} is not writable by uid 0" in s.log_text()
+    assert os.listdir(readonly) == []
+
+
+@pytest.mark.parametrize(("option", "value", "message"), [
+    ("interval", 0, "interval must be"),
+    ("interval", -1, "interval must be"),
+    ("failed", -1, "failed must be"),
+    ("on_error", "explode", "on_error must be"),
+    ("lock_timeout", 0, "lock_timeout must be"),
+    ("worker_lost", "not callable", "worker_lost must be a callable"),
+])
+def test_a_bad_option_stops_gunicorn_with_its_name(
+    server: Make, option: str, value: Any, message: str
+) -> None:
+    s = server()
+    if option == "worker_lost":  # the harness wires every callback; break one after the fact
+        s.conf.write_text(s.conf.read_text().replace(
+            "gunicorn_lifecycle.configure(", f"gunicorn_lifecycle.configure({option}={value!r},"
+        ).replace("for name in ('master_start', 'master_exit', 'worker_start', 'worker_exit', "
+                  "'worker_lost')", "for name in ('master_start',)"))
+    else:
+        s = server(**{option: value})
+    refused(s, message)
+
+
+def test_capacity_exhausted_leaves_a_worker_untracked_and_counts_exact(server: Make) -> None:
+    s = server(workers=3, slots=2).start(wait_workers=2)
+    wait_for(lambda: "has no free slot" in s.log_text(), "the capacity error in the log")
+    wait_for(lambda: len(s.live_workers(s.pid)) == 3, "three workers serving")
+    for _ in range(6):
+        assert s.request().startswith(b"HTTP/1.0 200")
+    (generation,) = read_status(s.state_file)["generations"]
+    tracked = {w["pid"] for w in generation["workers"]}
+    assert tracked == {e["pid"] for e in s.events("worker_start")} and len(tracked) == 2
+    s.stop()
+    check_record(s.events())
+    assert read_status(s.state_file)["generations"] == []
+
+
+def test_a_callback_blocking_past_lock_timeout_names_the_holder(server: Make) -> None:
+    s = server(workers=2, lock_timeout=1.0, block={"worker_start": 4.0}).start()
+    holder = s.wait_count("worker_start", 1)[0]["pid"]
+    wait_for(lambda: "gave up on worker_start" in s.log_text(), "the lock timeout error")
+    line = next(x for x in s.log_text().splitlines() if "gave up on worker_start" in x)
+    assert f"is held by pid {holder} (worker_start)" in line and "after 1.0s" in line
+    wait_for(lambda: len(s.live_workers(s.pid)) == 2, "both workers running")
+    assert s.request().startswith(b"HTTP/1.0 200")
+    (gen,) = wait_for(lambda: (g := read_status(s.state_file)["generations"])[0]["workers"][0][
+        "booted"] and g, "the blocked worker to boot once its callback returned")
+    assert [w["pid"] for w in gen["workers"]] == [holder], "the other one serves untracked"
+    s.stop()
+    check_record(s.events())
+
+
+def test_privilege_drop_hands_the_files_to_the_workers(shared_dir: Path) -> None:
+    s = Server(shared_dir / "instance", workers=2, interval=0.2, failed=0.3,
+               settings="user = 'nobody'\ngroup = 'nogroup'\ntimeout = 0")
+    try:
+        s.start(wait_workers=2)
+        for path in (s.state_file, s.state_file + ".lock"):
+            info = os.stat(path)
+            assert (info.st_uid, info.st_gid) == (NOBODY.pw_uid, NOBODY.pw_gid), path
+            assert info.st_mode & 0o777 == 0o600, path
+        workers = [e["pid"] for e in s.events("worker_start")]
+        assert all(os.stat(f"/proc/{pid}").st_uid == NOBODY.pw_uid for pid in workers)
+
+        def fresh_beats() -> bool:
+            (gen,) = read_status(s.state_file)["generations"]
+            ages = [w["heartbeat_age"] for w in gen["workers"]]
+            return len(ages) == 2 and all(age < 0.2 for age in ages)
+
+        wait_for(fresh_beats, "heartbeats written by the unprivileged workers")
+        os.kill(workers[0], signal.SIGSTOP)  # found by the other worker's sweep, as nobody
+        try:
+            lost = s.wait_count("worker_lost", 1)[0]
+        finally:
+            os.kill(workers[0], signal.SIGCONT)
+        assert lost["reason"] == "heartbeat" and lost["in_pid"] == workers[1]
+        os.kill(workers[1], signal.SIGKILL)  # reaped by the root master
+        crash = s.wait_count("worker_lost", 2)[-1]
+        assert crash["reason"] == "crash" and crash["pid"] == workers[1]
+        s.stop()
+        assert only_reason(s.events("master_exit")) == "stop"
+        assert s.events("worker_exit"), "exits of the unprivileged workers"
+        assert "Permission denied" not in s.log_text()
+    finally:
+        s.kill_all()
+
+
+def only_reason(events: list[dict[str, Any]]) -> str:
+    assert len(events) == 1, events
+    return str(events[0]["reason"])
+
+
+def test_churn_under_load_keeps_exact_counts(server: Make) -> None:
+    s = server(workers=4, settings="max_requests = 1", interval=0.1, failed=1.0)
+    s.start(wait_workers=4)
+    errors: list[BaseException] = []
+
+    def client() -> None:
+        for _ in range(75):
+            try:
+                assert s.request().startswith(b"HTTP/1.0 200")
+            except BaseException as exc:
+                errors.append(exc)
+
+    clients = [threading.Thread(target=client) for _ in range(4)]
+    for thread in clients:
+        thread.start()
+    for thread in clients:
+        thread.join()
+    assert not errors, errors[:3]
+
+    def listed_equals_live() -> bool:
+        (gen,) = read_status(s.state_file)["generations"]
+        live = set(s.live_workers(s.pid))
+        return len(live) == 4 and {w["pid"] for w in gen["workers"]} == live
+
+    wait_for(listed_equals_live, "status to list exactly the live workers")
+    check_record(s.events(), closed=False)
+    s.stop()
+    events = s.events()
+    assert len(s.events("worker_start")) >= 300
+    assert len(s.events("worker_start")) == len(s.events("worker_exit")) + len(
+        s.events("worker_lost"))
+    check_record(events)
+
+
+def crafted_state(path: Path, master_pid: int, worker_pid: int) -> None:
+    """A state whose records hold live pids with start times that are not theirs."""
+    buf = bytearray(valid_file())
+    view = layout.StateView(memoryview(buf), str(path))
+    view.set_next_generation(8)
+    view.write_generation(0, layout.Generation(
+        0, layout.GenerationState.OPEN, 1, 7, master_pid, 0, own_start_time() + 12345, 0, 0.0))
+    view.write_slot(0, layout.Slot(0, layout.SlotState.REGISTERED, 1, 7, worker_pid,
+                                   own_start_time() + 12345, 0, 10**9))
+    path.write_bytes(bytes(buf))
+    path.chmod(0o600)
+
+
+def test_a_reused_pid_is_not_a_live_master_or_worker(server: Make, tmp_path: Path) -> None:
+    unrelated = subprocess.Popen(["sleep", "60"])
+    try:
+        path = tmp_path / "reused.state"
+        crafted_state(path, master_pid=unrelated.pid, worker_pid=os.getpid())
+        (gen,) = read_status(str(path))["generations"]
+        assert not gen["master_alive"] and not gen["workers"][0]["alive"]
+        s = server(workers=1, state_file=str(path)).start(wait_workers=1)
+        start = s.events("master_start")[0]
+        assert start["reason"] == "restart" and start["generation"] == 8
+        assert [g["generation"] for g in read_status(str(path))["generations"]] == [8]
+        s.stop()
+        assert unrelated.poll() is None, "the unrelated process was left alone"
+    finally:
+        unrelated.kill()
+        unrelated.wait()
+
+
+def fds_to(pid: int, path: str) -> list[str]:
+    found = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == path:
+                found.append(fd)
+        except FileNotFoundError:
+            pass
+    return found
+
+
+def test_usr2_reexec_leaks_no_descriptor(server: Make) -> None:
+    s = server(workers=1).start(wait_workers=1)
+    (own,) = fds_to(s.pid, s.state_file)  # the mapping's own descriptor
+    flags = int(Path(f"/proc/{s.pid}/fdinfo/{own}").read_text().split("flags:")[1].split()[0], 8)
+    assert flags & 0o2000000, "close-on-exec"
+    s.signal(signal.SIGUSR2)
+    new_master = s.wait_count("master_start", 1, reason="upgrade")[0]["in_pid"]
+    assert len(fds_to(new_master, s.state_file)) == 1, "its own mapping, nothing inherited"
+    assert fds_to(new_master, s.state_file + ".lock") == []
+    s.signal(signal.SIGTERM, new_master)
+    s.wait_exit(new_master)
+    s.stop()
