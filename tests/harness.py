@@ -53,10 +53,8 @@ def _record(name):
             raise RuntimeError("callback %s raised on purpose" % name)
     return callback
 
-gunicorn_lifecycle.configure(
-    **{{name: _record(name) for name in {callbacks!r}}},
-    **{options!r},
-)
+gunicorn_lifecycle.configure(**{{**{{name: _record(name) for name in {callbacks!r}}},
+                                 **{options!r}}})
 
 bind = {bind!r}
 workers = {workers!r}
