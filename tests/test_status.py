@@ -168,3 +168,31 @@ def test_status_takes_no_lock(server: Make) -> None:
         fcntl.flock(lock, fcntl.LOCK_EX)  # a server holding the lock, as long as it likes
         assert len(status_json("--state", s.state_file)["generations"]) == 1
     s.stop()
+
+
+def test_console_script_and_default_config_in_the_current_directory(tmp_path: Path) -> None:
+    state = tmp_path / "here.state"
+    state.write_bytes(layout.new_file(8))
+    state.chmod(0o600)
+    (tmp_path / "gunicorn.conf.py").write_text(
+        "import gunicorn_lifecycle\n"
+        f"gunicorn_lifecycle.configure(state_file={str(state)!r})\n")
+    script = Path(sys.executable).parent / "gunicorn-lifecycle"
+    done = subprocess.run([str(script), "status", "--json"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"state_file": str(state), "generations": []}
+
+
+def test_an_unreadable_file_is_a_one_line_error(tmp_path: Path) -> None:
+    state = tmp_path / "locked-away.state"
+    state.write_bytes(layout.new_file(8))
+    state.chmod(0o000)
+    done = subprocess.run(  # root without the capabilities that bypass file modes
+        ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", sys.executable, "-m",
+         "gunicorn_lifecycle", "status", "--state", str(state)],
+        capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2
+    assert done.stderr.strip() == (f"gunicorn-lifecycle: state file {state} cannot be opened "
+                                   "(Permission denied); fix its permissions or choose another "
+                                   "state_file")
