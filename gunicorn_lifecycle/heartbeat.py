@@ -34,12 +34,20 @@ class Heartbeat:
     def stop(self) -> None:
         self._stopped = True
 
+    @property
+    def stopped(self) -> bool:
+        return self._stopped
+
     def _run(self) -> None:
+        # Beats keep to fixed deadlines, so that a slow beat does not stretch the period;
+        # after a stop (SIGSTOP, swapping) the missed ones are skipped, not made up.
+        next_beat = time.monotonic() + self._interval
         while True:
-            _sleep(self._interval)
+            _sleep(max(0.0, next_beat - time.monotonic()))
             if self._stopped:
                 return
             try:
                 self._beat()
             except Exception:
                 self._log.exception("gunicorn_lifecycle: heartbeat failed")
+            next_beat = max(next_beat + self._interval, time.monotonic())

@@ -18,7 +18,7 @@ from .errors import LifecycleError
 from .lock import Lock, LockTimeout
 from .master import Master
 from .options import Callback, OnError, Options
-from .statefile import default_path, lock_path, open_for_server
+from .statefile import default_path, lock_path, make_private_directory, open_for_server
 from .tracker import CallbackFailed, Tracker
 from .worker import Worker
 
@@ -30,6 +30,7 @@ class _Process:
     """What this process knows: the latest options, and its role once it has one."""
 
     configured: Options | None = None
+    starting_failed = False
     master: Master | None = None
     worker: Worker | None = None
 
@@ -102,8 +103,8 @@ def _guard(server: Any, hook: str) -> Iterator[None]:
         server.log.error("gunicorn_lifecycle: %s", exc)
         if hook == "on_starting":
             raise
-    except LockTimeout:
-        pass  # logged, with the holder's pid, where it happened
+    except LockTimeout as exc:
+        server.log.error("gunicorn_lifecycle: %s", exc)
     except Exception:
         server.log.exception("gunicorn_lifecycle: %s failed; the server carries on", hook)
 
@@ -128,15 +129,19 @@ def _check_wiring(server: Any) -> None:
 
 def on_starting(server: Any) -> None:
     """Open the state file and a generation: start, restart or upgrade."""
+    _here.starting_failed = True
     with _guard(server, "on_starting"):
         options = _options(server)
         path = options.state_path or default_path(server.cfg.bind)
+        if options.state_path is None:
+            make_private_directory(os.path.dirname(path))
         lock = Lock(lock_path(path))
         state = open_for_server(path, lock, options, owner=(server.cfg.uid, server.cfg.gid))
         server.log.info("gunicorn_lifecycle: state file %s", path)
         _check_wiring(server)
-        _here.master = Master(Tracker(state, lock, server.log), server, server.master_pid)
-        _here.master.start(options)
+        master = Master(Tracker(state, lock, server.log), server, server.master_pid)
+        master.start(options)
+        _here.master, _here.starting_failed = master, False
 
 
 def on_reload(server: Any) -> None:
@@ -157,13 +162,14 @@ def post_fork(server: Any, worker: Any) -> None:
     """In the new worker: register and run ``worker_start``."""
     master, _here.master = _here.master, None
     if master is None or not master.generations:
-        server.log.error("gunicorn_lifecycle: post_fork ran but no generation is open; wire "
-                         "`on_starting = gunicorn_lifecycle.on_starting`")
-        return
-    if _here.configured is not master.options:
-        server.log.error("gunicorn_lifecycle: the config was re-read but no new generation was "
-                         "opened; wire `on_reload = gunicorn_lifecycle.on_reload`")
+        if not _here.starting_failed:
+            server.log.error("gunicorn_lifecycle: post_fork ran but on_starting did not; wire "
+                             "`on_starting = gunicorn_lifecycle.on_starting`")
+        return  # else on_starting logged why it opened no generation
     with _guard(server, "post_fork"):
+        if _here.configured is not master.options:
+            server.log.error("gunicorn_lifecycle: the config was re-read but no new generation "
+                             "was opened; wire `on_reload = gunicorn_lifecycle.on_reload`")
         _here.worker = Worker(master.tracker, master.current, master.options, server, worker)
         _here.worker.start()
 

@@ -30,16 +30,19 @@ VERSION = 1
 GENERATIONS = 16
 
 # magic, version, generation count, slot capacity, (pad), next generation,
-# last sweep (monotonic ns), lock holder pid, lock holder event code.
-HEADER = struct.Struct("<8sIII4xqqiI")
+# last sweep (monotonic ns), lock holder pid, lock holder event code, boot id
+# (monotonic times and process start times mean nothing after a reboot).
+HEADER = struct.Struct("<8sIII4xqqiI16s")
 HEADER_SIZE = 64
 _NEXT_GENERATION = 24
 _LAST_SWEEP = 32
 _HOLDER = struct.Struct("<iI")
 _HOLDER_AT = 40
+_BOOT_ID = struct.Struct("<16s")
+_BOOT_ID_AT = 48
 
-# seq, state, reason, generation, master pid, parent master pid, master start
-# time, workers gone, opened at (wall clock).
+# seq, state, reason, generation, master pid, its USR2 parent master's pid,
+# master start time, workers gone, opened at (wall clock).
 GENERATION = struct.Struct("<IBB2xqiiQI4xd")
 # seq, state, booted, generation, pid, start time, heartbeat (monotonic ns),
 # heartbeat overrun allowed (ns).
@@ -74,6 +77,7 @@ class Header(NamedTuple):
     last_sweep: int
     holder_pid: int
     holder_event: int
+    boot_id: bytes
 
 
 class Generation(NamedTuple):
@@ -107,7 +111,6 @@ class Slot(NamedTuple):
         return self.state == SlotState.REGISTERED
 
 
-FREE_GENERATION = Generation(0, GenerationState.FREE, 0, 0, 0, 0, 0, 0, 0.0)
 FREE_SLOT = Slot(0, SlotState.FREE, 0, 0, 0, 0, 0, 0)
 
 
@@ -118,7 +121,7 @@ def file_size(slots: int) -> int:
 
 def new_file(slots: int) -> bytes:
     """The contents of a fresh state file: every record free."""
-    header = HEADER.pack(MAGIC, VERSION, GENERATIONS, slots, 1, 0, 0, 0)
+    header = HEADER.pack(MAGIC, VERSION, GENERATIONS, slots, 1, 0, 0, 0, b"")
     return header.ljust(HEADER_SIZE, b"\0").ljust(file_size(slots), b"\0")
 
 
@@ -168,6 +171,12 @@ class StateView:
     def set_last_sweep(self, ns: int) -> None:
         struct.pack_into("<q", self.buf, _LAST_SWEEP, ns)
 
+    def boot_id(self) -> bytes:
+        return bytes(_BOOT_ID.unpack_from(self.buf, _BOOT_ID_AT)[0])
+
+    def set_boot_id(self, boot_id: bytes) -> None:
+        _BOOT_ID.pack_into(self.buf, _BOOT_ID_AT, boot_id)
+
     def holder(self) -> tuple[int, int]:
         """The pid and event code of the last process that took the lock."""
         pid, event = _HOLDER.unpack_from(self.buf, _HOLDER_AT)
@@ -215,10 +224,9 @@ class StateView:
         for _ in range(_READ_TRIES):
             (before,) = _SEQ.unpack_from(self.buf, at)
             fields = layout.unpack_from(self.buf, at)
-            if before % 2 == 0 and fields[0] == before:
-                (after,) = _SEQ.unpack_from(self.buf, at)
-                if after == before:
-                    return fields
+            (after,) = _SEQ.unpack_from(self.buf, at)
+            if before % 2 == 0 and after == before:
+                return fields
             time.sleep(0)
         raise LifecycleError(f"state file {self.path}: the record at byte {at} stays half-written "
                              "(a writer died in the middle of it); the next lock holder repairs it")

@@ -14,7 +14,7 @@ from typing import Any
 from .errors import LifecycleError
 from .layout import MASTER_REASONS, Generation, GenerationState
 from .options import Options
-from .process import is_alive, own_start_time
+from .process import boot_id, is_alive, own_start_time
 from .tracker import Tracker, Transaction
 
 
@@ -38,9 +38,14 @@ class Master:
         """Cold start, restart after a crash, or the new master of a USR2 upgrade."""
         log = self.tracker.log
         with self.tracker.transaction("master_start", options.lock_timeout) as tx:
+            tx.repair()
+            rebooted = tx.view.boot_id() != boot_id()
+            if rebooted:  # start times and monotonic stamps of another boot mean nothing
+                tx.view.set_boot_id(boot_id())
+                tx.view.set_last_sweep(0)
             dead, parents = [], []
             for index, record in tx.open_generations():
-                if not is_alive(record.master_pid, record.master_started):
+                if rebooted or not is_alive(record.master_pid, record.master_started):
                     dead.append(index)
                 elif record.master_pid == self.parent_pid:
                     parents.append(index)
@@ -61,10 +66,10 @@ class Master:
         """HUP: a new generation in this master; the old one closes with its last worker."""
         with self.tracker.transaction("master_start", options.lock_timeout) as tx:
             found = tx.generation(self.current)
+            self._open(tx, "reload", options)
             if found is not None:
                 index, record = found
                 tx.view.write_generation(index, record._replace(state=GenerationState.SUPERSEDED))
-            self._open(tx, "reload", options)
             self._close_drained(tx)
 
     def reaped(self, pid: int, worker: Any) -> None:
@@ -93,10 +98,9 @@ class Master:
                                  "when none runs")
         number = tx.view.next_generation()
         tx.view.set_next_generation(number + 1)
-        parent = self.parent_pid if reason == "upgrade" else 0
         tx.view.write_generation(free[0], Generation(
-            0, GenerationState.OPEN, MASTER_REASONS.index(reason), number, self.pid, parent,
-            self.started, 0, time.time()))
+            0, GenerationState.OPEN, MASTER_REASONS.index(reason), number, self.pid,
+            self.parent_pid, self.started, 0, time.time()))
         self.generations[number] = options
         self.current = number
         tx.emit("master_start", tx.event(number, self.pid, reason, worker_id=False,
@@ -130,6 +134,6 @@ class Master:
                   and is_alive(g.master_pid, g.master_started)]
         if any(g.generation > record.generation for g in others):
             return "upgrade"
-        if record.parent_pid and any(g.master_pid == record.parent_pid for g in others):
+        if self.parent_pid and any(g.master_pid == self.parent_pid for g in others):
             return "rollback"
         return "stop"

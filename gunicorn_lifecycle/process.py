@@ -35,3 +35,9 @@ def own_start_time() -> int:
     started = start_time(os.getpid())
     assert started is not None
     return started
+
+
+def boot_id() -> bytes:
+    """This boot's identity: pids, start times and monotonic clocks of another boot mean nothing."""
+    with open("/proc/sys/kernel/random/boot_id") as f:
+        return bytes.fromhex(f.read().strip().replace("-", ""))

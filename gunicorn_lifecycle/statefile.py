@@ -24,9 +24,27 @@ _OPEN_FLAGS = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
 def default_path(bind: Iterable[str]) -> str:
-    """The same path for the same ``bind`` addresses and user, a different one otherwise."""
+    """The same path for the same ``bind`` addresses and user, a different one otherwise.
+
+    It lies in a directory private to the user, so that no other local user can
+    make or replace the files in it.
+    """
     digest = hashlib.sha256("\n".join(sorted(bind)).encode()).hexdigest()[:16]
-    return os.path.join(tempfile.gettempdir(), f"gunicorn-lifecycle-{os.geteuid()}-{digest}.state")
+    directory = os.path.join(tempfile.gettempdir(), f"gunicorn-lifecycle-{os.geteuid()}")
+    return os.path.join(directory, f"{digest}.state")
+
+
+def make_private_directory(directory: str) -> None:
+    """Create the default state directory (0700), or check that an existing one is ours."""
+    try:
+        os.mkdir(directory, 0o700)
+    except FileExistsError:
+        info = os.lstat(directory)
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o077:
+            raise LifecycleError(
+                f"state directory {directory} is not a private directory of uid "
+                f"{os.geteuid()} (a link, another owner, or open to others); remove it, or "
+                "set state_file") from None
 
 
 def lock_path(path: str) -> str:
@@ -60,12 +78,11 @@ def check_directory(path: str) -> None:
 def open_for_server(path: str, lock: Lock, options: Options, owner: tuple[int, int]) -> StateFile:
     """Open the state file read-write, creating it (mode 0600) if it does not exist.
 
-    ``owner`` is the (uid, gid) of Gunicorn's workers: new files, and the lock
-    file, are handed to them so that workers can write after dropping privileges.
+    ``owner`` is the (uid, gid) of Gunicorn's workers: new files are handed to them.
     """
     check_directory(path)
-    with lock.hold(options.lock_timeout):
-        lock.hand_to(owner)
+    lock.open(owner)
+    with lock.hold(options.lock_timeout, "on_starting"):
         try:
             fd = os.open(path, os.O_RDWR | _OPEN_FLAGS)
         except FileNotFoundError:
@@ -96,16 +113,23 @@ def open_for_reading(path: str) -> StateFile:
 
 
 def _create(path: str, slots: int, owner: tuple[int, int]) -> int:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | _OPEN_FLAGS, 0o600)
+    """Write the new file under a temporary name and link it in: never half-made at ``path``."""
+    temporary = f"{path}.{os.getpid()}.new"
+    try:
+        fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL | _OPEN_FLAGS, 0o600)
+    except OSError as exc:
+        raise _refusal(temporary, exc) from None
     try:
         os.fchmod(fd, 0o600)  # whatever the umask
         os.write(fd, layout.new_file(slots))
         if owner != (os.geteuid(), os.getegid()):
             os.fchown(fd, *owner)
+        os.link(temporary, path)
     except BaseException:
         os.close(fd)
-        os.unlink(path)
         raise
+    finally:
+        os.unlink(temporary)
     return fd
 
 

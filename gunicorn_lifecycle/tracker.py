@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -22,7 +22,7 @@ from .layout import (
     SlotState,
     StateView,
 )
-from .lock import Lock, LockTimeout
+from .lock import Lock
 from .options import Options
 from .statefile import StateFile
 
@@ -44,9 +44,14 @@ class Transaction:
     def __init__(self, view: StateView) -> None:
         self.view = view
         self._calls: list[tuple[str, Event, Options]] = []
+        self._then: list[Callable[[], object]] = []
 
     def emit(self, callback: str, event: Event, options: Options) -> None:
         self._calls.append((callback, event, options))
+
+    def then(self, step: Callable[[], object]) -> None:
+        """Run ``step`` after the callbacks, before the lock is released."""
+        self._then.append(step)
 
     def run_callbacks(self, log: Log) -> None:
         failure: BaseException | None = None
@@ -55,6 +60,8 @@ class Transaction:
                 run_callback(name, event, options, log)
             except Exception as exc:
                 failure = failure or exc
+        for step in self._then:
+            step()
         if failure is not None:
             raise CallbackFailed(failure)
 
@@ -118,8 +125,17 @@ class Transaction:
         self.emit("worker_lost", self.event(slot.generation, slot.pid, reason, worker_id=True,
                                             server=server, worker=worker), options)
 
+    def repair(self) -> None:
+        """Finish the records a writer left half-written (it died, or a signal cut it short)."""
+        for index, record in self.view.locked_generations():
+            if record.seq % 2:
+                self.view.write_generation(index, record)
+        for index, slot in self.view.locked_slots():
+            if slot.seq % 2:
+                self.view.write_slot(index, slot)
+
     def close(self, index: int, log: Log) -> None:
-        """Close a generation, dropping whatever slots it still holds."""
+        """Close a generation, dropping whatever slots it still holds (their master died)."""
         record = self.view.locked_generation(index)
         for slot_index, slot in self.view.locked_slots():
             if slot.registered and slot.generation == record.generation:
@@ -143,17 +159,13 @@ class Tracker:
 
     @contextmanager
     def transaction(self, event: str, timeout: float) -> Iterator[Transaction]:
-        """Hold the lock for ``event``; log who holds it if it cannot be had in time."""
-        try:
-            with self.lock.hold(timeout):
-                self.view.set_holder(os.getpid(), LOCK_EVENTS.index(event))
-                transaction = Transaction(self.view)
-                yield transaction
-                transaction.run_callbacks(self.log)
-        except LockTimeout:
-            pid, code = self.view.holder()
-            held_for = LOCK_EVENTS[code] if code < len(LOCK_EVENTS) else "?"
-            self.log.error("gunicorn_lifecycle: gave up on %s in pid %s after %.1fs: the lock "
-                           "%s is held by pid %s (%s)", event, os.getpid(), timeout,
-                           self.lock.path, pid, held_for)
-            raise
+        """Hold the lock for ``event``; LockTimeout names the holder if it is not had in time."""
+        with self.lock.hold(timeout, event, self._holder):
+            self.view.set_holder(os.getpid(), LOCK_EVENTS.index(event))
+            transaction = Transaction(self.view)
+            yield transaction
+            transaction.run_callbacks(self.log)
+
+    def _holder(self) -> str:
+        pid, code = self.view.holder()
+        return f"pid {pid} ({LOCK_EVENTS[code] if code < len(LOCK_EVENTS) else '?'})"

@@ -49,9 +49,10 @@ class Worker:
     def booted(self) -> None:
         """post_worker_init: the application is loaded."""
         with self.tracker.transaction("booted", self.options.lock_timeout) as tx:
-            if self._owns(tx.view.locked_slot, self.index):
-                assert self.index is not None
-                tx.view.write_slot(self.index, tx.view.locked_slot(self.index)._replace(booted=1))
+            if self.index is not None:
+                slot = tx.view.locked_slot(self.index)
+                if self._is_mine(slot):
+                    tx.view.write_slot(self.index, slot._replace(booted=1))
 
     def exit(self) -> None:
         """worker_exit: tell ``worker_exit`` (counting itself), then deregister."""
@@ -70,37 +71,49 @@ class Worker:
             tx.emit("worker_exit", event, self.options)
 
     def beat(self) -> None:
-        """One heartbeat: stamp the own slot, and sweep the node when a sweep is due."""
+        """One heartbeat: stamp the own slot, and sweep the node when a sweep is due.
+
+        It never waits for the lock: if the lock is busy, the sweep or the return
+        is left to a later beat, and the stamps go on meanwhile.
+        """
         view = self.tracker.view
-        now = time.monotonic_ns()
         try:
-            if self._owns(view.consistent_slot, self.index):
-                assert self.index is not None
-                view.write_heartbeat(self.index, now)
-            else:
+            if not self._stamp():
                 self._register_again()
-            if now - view.last_sweep() >= self.options.interval * 1e9:
+            since = time.monotonic_ns() - view.last_sweep()
+            if not 0 <= since < self.options.interval * 1e9:  # < 0: a sweep of another boot
                 self._sweep()
         except LockTimeout:
-            pass  # the transaction logged who holds the lock; the next beat tries again
+            pass
+
+    def _stamp(self) -> bool:
+        """Write the own slot's heartbeat, if the slot is still ours."""
+        view = self.tracker.view
+        if not self._owns(view.consistent_slot, self.index):
+            return False
+        assert self.index is not None
+        view.write_heartbeat(self.index, time.monotonic_ns())
+        return True
 
     def _sweep(self) -> None:
         """Drop every worker whose heartbeat overran; at most once per interval node-wide."""
-        with self.tracker.transaction("sweep", self.options.lock_timeout) as tx:
+        with self.tracker.transaction("sweep", 0) as tx:
             now = time.monotonic_ns()
-            if now - tx.view.last_sweep() < self.options.interval * 1e9:
+            since = now - tx.view.last_sweep()
+            if self.heartbeat.stopped or 0 <= since < self.options.interval * 1e9:
                 return
             tx.view.set_last_sweep(now)
+            tx.repair()
             for index, slot in tx.view.locked_slots():
                 if slot.registered and now - slot.heartbeat > slot.overrun:
                     tx.lose(index, "heartbeat", self.options, self.server, None)
+            tx.then(self._stamp)  # the callbacks may be slow: be fresh when others sweep
 
     def _register_again(self) -> None:
         """A sweep took us for lost while we were only slow: come back, without callbacks."""
-        with self.tracker.transaction("register", self.options.lock_timeout) as tx:
-            if self._owns(tx.view.locked_slot, self.index) or tx.generation(
-                self.generation
-            ) is None:
+        with self.tracker.transaction("register", 0) as tx:
+            if (self.heartbeat.stopped or self._owns(tx.view.locked_slot, self.index)
+                    or tx.generation(self.generation) is None):
                 return
             self.tracker.log.warning("gunicorn_lifecycle: worker %s was counted as lost (its "
                                      "heartbeat overran) but is alive; registered again",
@@ -120,9 +133,9 @@ class Worker:
         return True
 
     def _owns(self, read: Callable[[int], Slot], index: int | None) -> bool:
-        if index is None:
-            return False
-        slot = read(index)
+        return index is not None and self._is_mine(read(index))
+
+    def _is_mine(self, slot: Slot) -> bool:
         return slot.registered and slot.pid == self.pid and slot.started == self.started
 
     def _event(self, tx: Transaction, reason: str) -> Event:

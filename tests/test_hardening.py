@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import pwd
 import shutil
@@ -16,7 +17,8 @@ from typing import Any
 import pytest
 
 from gunicorn_lifecycle import layout
-from gunicorn_lifecycle.process import own_start_time
+from gunicorn_lifecycle.process import own_start_time, start_time
+from gunicorn_lifecycle.statefile import open_for_reading
 from gunicorn_lifecycle.status import read_status
 from harness import Server, check_record, wait_for
 
@@ -29,7 +31,7 @@ def valid_file() -> bytes:
 
 
 def header(version: int = layout.VERSION, slots: int = 8) -> bytes:
-    return layout.HEADER.pack(layout.MAGIC, version, layout.GENERATIONS, slots, 1, 0, 0, 0)
+    return layout.HEADER.pack(layout.MAGIC, version, layout.GENERATIONS, slots, 1, 0, 0, 0, b"")
 
 
 BAD_CONTENTS = {
@@ -111,11 +113,12 @@ def test_a_missing_directory_is_refused(server: Make, tmp_path: Path) -> None:
     assert not (tmp_path / "nowhere").exists()
 
 
-@pytest.fixture
-def shared_dir() -> Iterator[Path]:
-    """A directory that an unprivileged user can traverse (pytest's tmp_path is 0700)."""
+@pytest.fixture(params=[0o755, 0o1777], ids=["private", "sticky"])
+def shared_dir(request: pytest.FixtureRequest) -> Iterator[Path]:
+    """A directory an unprivileged user can traverse (pytest's tmp_path is 0700); and one
+    like /tmp, sticky and open to all, where files of two owners must still work."""
     directory = Path(tempfile.mkdtemp(prefix="lifecycle-"))
-    directory.chmod(0o755)
+    directory.chmod(request.param)
     yield directory
     shutil.rmtree(directory, ignore_errors=True)
 
@@ -176,7 +179,7 @@ def test_a_callback_blocking_past_lock_timeout_names_the_holder(server: Make) ->
 
 
 def test_privilege_drop_hands_the_files_to_the_workers(shared_dir: Path) -> None:
-    s = Server(shared_dir / "instance", workers=2, interval=0.2, failed=0.3,
+    s = Server(shared_dir, workers=2, interval=0.2, failed=0.3,
                settings="user = 'nobody'\ngroup = 'nogroup'\ntimeout = 0")
     try:
         s.start(wait_workers=2)
@@ -281,13 +284,16 @@ def test_a_reused_pid_is_not_a_live_master_or_worker(server: Make, tmp_path: Pat
 
 
 def fds_to(pid: int, path: str) -> list[str]:
+    """The descriptors of ``pid`` open on the file at ``path`` (by inode: names can change)."""
+    target = os.stat(path)
     found = []
     for fd in os.listdir(f"/proc/{pid}/fd"):
         try:
-            if os.readlink(f"/proc/{pid}/fd/{fd}") == path:
-                found.append(fd)
+            info = os.stat(f"/proc/{pid}/fd/{fd}")
         except FileNotFoundError:
-            pass
+            continue
+        if (info.st_dev, info.st_ino) == (target.st_dev, target.st_ino):
+            found.append(fd)
     return found
 
 
@@ -299,7 +305,62 @@ def test_usr2_reexec_leaks_no_descriptor(server: Make) -> None:
     s.signal(signal.SIGUSR2)
     new_master = s.wait_count("master_start", 1, reason="upgrade")[0]["in_pid"]
     assert len(fds_to(new_master, s.state_file)) == 1, "its own mapping, nothing inherited"
-    assert fds_to(new_master, s.state_file + ".lock") == []
+    assert len(fds_to(new_master, s.state_file + ".lock")) == 1, "its own lock descriptor"
     s.signal(signal.SIGTERM, new_master)
     s.wait_exit(new_master)
     s.stop()
+
+
+def test_a_slow_worker_lost_callback_makes_no_false_losses(server: Make) -> None:
+    s = server(workers=3, interval=0.2, failed=0.3, block={"worker_lost": 3.0})
+    s.start(wait_workers=3)
+    victim = s.events("worker_start")[0]["pid"]
+    os.kill(victim, signal.SIGKILL)  # the master's worker_lost callback holds the lock for 3 s
+    s.wait_count("worker_start", 4)  # the respawn registers once the lock is free again
+    sweeps: set[int] = set()
+
+    def swept_again() -> bool:
+        sweeps.add(open_for_reading(s.state_file).view.last_sweep())
+        return len(sweeps) >= 4
+
+    wait_for(swept_again, "a few sweeps after the slow callback")
+    s.stop()
+    assert [e["pid"] for e in s.events("worker_lost")] == [victim], "healthy workers stay"
+    check_record(s.events())
+
+
+def test_a_lock_timeout_at_start_is_logged_and_the_server_serves(server: Make) -> None:
+    s = server(workers=1, lock_timeout=0.5)
+    Path(s.state_file + ".lock").touch(mode=0o600)
+    with open(s.state_file + ".lock", "rb") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        s.start()
+        wait_for(lambda: "gave up on on_starting" in s.log_text(), "the lock timeout error")
+        wait_for(lambda: s.request().startswith(b"HTTP/1.0 200"), "the server to serve")
+    assert "wire `on_starting" not in s.log_text()
+    s.stop()
+    assert s.events() == []
+
+
+def test_a_state_of_another_boot_is_a_restart(server: Make, tmp_path: Path) -> None:
+    live = subprocess.Popen(["sleep", "60"])
+    try:
+        path = tmp_path / "old-boot.state"
+        buf = bytearray(valid_file())
+        view = layout.StateView(memoryview(buf), str(path))
+        view.set_boot_id(b"another boot....")
+        started = start_time(live.pid)
+        assert started is not None
+        view.write_generation(0, layout.Generation(
+            0, layout.GenerationState.OPEN, 1, 1, live.pid, 0, started, 0, 0.0))
+        view.set_last_sweep(2**62)  # a monotonic stamp far ahead of this boot's clock
+        path.write_bytes(bytes(buf))
+        path.chmod(0o600)
+        s = server(workers=2, state_file=str(path), interval=0.1, failed=0.1)
+        s.start(wait_workers=2)
+        assert s.events("master_start")[0]["reason"] == "restart"
+        wait_for(lambda: open_for_reading(str(path)).view.last_sweep() < 2**62, "a sweep")
+        s.stop()
+    finally:
+        live.kill()
+        live.wait()

@@ -54,9 +54,9 @@ def test_a_writer_killed_mid_record_is_repaired_by_the_next_write() -> None:
     (b"x" * layout.file_size(4), "wrong magic"),
     (layout.new_file(4)[:-1], "need"),
     (layout.new_file(4) + b"\0" * 48, "need"),
-    (layout.HEADER.pack(layout.MAGIC, 2, 16, 4, 1, 0, 0, 0).ljust(layout.file_size(4), b"\0"),
+    (layout.HEADER.pack(layout.MAGIC, 2, 16, 4, 1, 0, 0, 0, b"").ljust(layout.file_size(4), b"\0"),
      "format version 2"),
-    (layout.HEADER.pack(layout.MAGIC, 1, 16, 0, 1, 0, 0, 0).ljust(layout.file_size(4), b"\0"),
+    (layout.HEADER.pack(layout.MAGIC, 1, 16, 0, 1, 0, 0, 0, b"").ljust(layout.file_size(4), b"\0"),
      "impossible capacity"),
 ])
 def test_foreign_files_are_refused_by_name(data: bytes, message: str) -> None:

@@ -258,3 +258,18 @@ def test_a_worker_still_stuck_at_stop_is_lost_exactly_once(server: Make) -> None
     assert lost["pid"] == stuck and lost["reason"] == "crash" and lost["in_pid"] == s.pid
     assert only(s.events("master_exit"))["reason"] == "stop"
     check_record(s.events())
+
+
+def test_rollback_after_the_new_master_reloaded(server: Make) -> None:
+    s = server(workers=1).start(wait_workers=1)
+    s.signal(signal.SIGUSR2)
+    new_master = s.wait_count("master_start", 1, reason="upgrade")[0]["in_pid"]
+    s.signal(signal.SIGHUP, new_master)
+    reloaded = s.wait_count("master_start", 1, reason="reload")[0]
+    s.wait_count("master_exit", 1, reason="reload")
+    s.signal(signal.SIGTERM, new_master)
+    s.wait_exit(new_master)
+    last = only(s.events("master_exit", generation=reloaded["generation"]))
+    assert last["reason"] == "rollback" and last["n_prev"] == 1
+    s.stop()
+    check_record(s.events())

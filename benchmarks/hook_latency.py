@@ -1,0 +1,85 @@
+"""Benchmark 2: the time spent inside gunicorn_lifecycle's hooks, with no user callbacks.
+
+The bench config wraps each hook in a timer that appends one line per call to a
+file (the append itself is outside the timed part); eight workers start, then
+all stop together on SIGTERM, so ``worker_exit`` includes the wait for the lock
+that its siblings hold at the same moment. The baseline is the same wrapper
+around a no-op hook: the cost of measuring.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+from .report import Budget, Row, Table, median
+from .server import Gunicorn, plugin_hooks
+
+WORKERS = 8
+BUDGETS = {"on_starting": 5e-3, "post_fork": 1e-3, "worker_exit": 1e-3, "child_exit": 0.5e-3}
+CALLS = {"on_starting": 1, "post_fork": WORKERS, "worker_exit": WORKERS, "child_exit": WORKERS}
+
+TIMER = '''\
+import os as _os
+import time as _time
+
+_TIMES = {times!r}
+
+
+def _noop(*args):
+    return None
+
+
+def _timed(name, hook):
+    def timed(*args):
+        started = _time.perf_counter()
+        try:
+            return hook(*args)
+        finally:
+            elapsed = _time.perf_counter() - started
+            fd = _os.open(_TIMES, _os.O_WRONLY | _os.O_APPEND | _os.O_CREAT, 0o600)
+            _os.write(fd, ("%s %r\\n" % (name, elapsed)).encode())
+            _os.close(fd)
+    # Gunicorn checks each hook's arity.
+    if name == "on_starting":
+        return lambda server: timed(server)
+    return lambda server, worker: timed(server, worker)
+'''
+
+
+def run(workdir: Path, repeats: int, quick: bool) -> Table:
+    plugin: dict[str, list[float]] = defaultdict(list)
+    noop: dict[str, list[float]] = defaultdict(list)
+    for repeat in range(repeats):
+        for kind, found in (("plugin", plugin), ("noop", noop)):
+            for hook, times in _hook_times(workdir / f"{repeat}-{kind}", kind).items():
+                found[hook].append(median(times))
+    return Table(
+        f"2. hook latency, no user callbacks ({WORKERS} workers, stopped together)",
+        [Row(hook, median(plugin[hook]), median(noop[hook]), "s", Budget("value", limit))
+         for hook, limit in BUDGETS.items()],
+        [f"median per call, median of {repeats} runs; baseline: the same timer around a no-op"],
+    )
+
+
+def _hook_times(directory: Path, kind: str) -> dict[str, list[float]]:
+    """Start and stop one instance; the duration of every call of each timed hook."""
+    times = directory / "hook-times"
+    timer = TIMER.format(times=str(times))
+    if kind == "plugin":
+        hooks = plugin_hooks(directory / "lifecycle.state") + timer + "".join(
+            f"{hook} = _timed({hook!r}, {hook})\n" for hook in BUDGETS)
+    else:
+        hooks = timer + "".join(f"{hook} = _timed({hook!r}, _noop)\n" for hook in BUDGETS)
+    with Gunicorn(directory, workers=WORKERS, hooks=hooks) as server:
+        server.ready()
+        server.stop()
+    found: dict[str, list[float]] = defaultdict(list)
+    for line in times.read_text().splitlines():
+        hook, elapsed = line.split()
+        found[hook].append(float(elapsed))
+    for hook, calls in CALLS.items():
+        if len(found[hook]) != calls:
+            raise RuntimeError(f"{kind}: {hook} ran {len(found[hook])} times, not {calls}: "
+                               f"{server.log_tail()}")
+    return found

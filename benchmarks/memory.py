@@ -1,0 +1,50 @@
+"""Benchmark 5: the resident memory each worker gains from the plugin.
+
+VmRSS of every worker of bare Gunicorn and of Gunicorn with the plugin (same
+app, same worker count), read once every plugin worker has beaten and a sweep
+has run, so that the whole heartbeat path has been touched. Also the state
+file's size per slot, fixed by the layout.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from gunicorn_lifecycle.layout import SLOT, file_size
+
+from .report import Budget, Row, Table, median
+from .server import Gunicorn, plugin_hooks, registered_slots, rss_bytes, state_view, wait_beats
+
+WORKERS = 4
+INTERVAL = 0.1
+FAILED = 60.0
+DEFAULT_SLOTS = 256
+
+
+def run(workdir: Path, repeats: int, quick: bool) -> Table:
+    rss: dict[str, list[float]] = {"bare": [], "plugin": []}
+    for repeat in range(repeats):
+        for kind, found in rss.items():
+            found.append(_worker_rss(workdir / f"{repeat}-{kind}", kind))
+    return Table(
+        "5. memory",
+        [
+            Row("worker VmRSS, plugin vs bare", median(rss["plugin"]), median(rss["bare"]), "B",
+                Budget("gain", 2.0**20)),
+            Row("state file per slot", SLOT.size, None, "B"),
+        ],
+        [f"{WORKERS} sync workers; median over workers, median of {repeats} runs; the state "
+         f"file is {file_size(DEFAULT_SLOTS):,} bytes at the default {DEFAULT_SLOTS} slots"],
+    )
+
+
+def _worker_rss(directory: Path, kind: str) -> float:
+    """The median VmRSS of one instance's workers, once they have booted (and beaten)."""
+    state_file = directory / "lifecycle.state"
+    hooks = plugin_hooks(state_file, interval=INTERVAL, failed=FAILED) if kind == "plugin" else ""
+    with Gunicorn(directory, workers=WORKERS, hooks=hooks) as server:
+        pids = server.ready()
+        if kind == "plugin":
+            view = state_view(state_file)
+            wait_beats(view, registered_slots(view))
+        return median(rss_bytes(pid) for pid in pids)
