@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from .options import Options
+from .options import Callback, Options
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +38,7 @@ class Log(Protocol):
 
 def run_callback(name: str, event: Event, options: Options, log: Log) -> None:
     """Run the user's ``name`` callback; a failure is logged or re-raised per ``on_error``."""
-    callback = options.callback(name)
+    callback: Callback | None = getattr(options, name)
     if callback is None:
         return
     try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from .errors import LifecycleError
@@ -66,10 +66,6 @@ class Options:
         """How old a heartbeat may get before its worker counts as lost."""
         return self.interval + self.failed
 
-    def callback(self, name: str) -> Callback | None:
-        callback: Callback | None = getattr(self, name)
-        return callback
-
 
 def _number(name: str, value: object, right: str, ok: Callable[[float], bool]) -> None:
     if (
@@ -79,6 +75,3 @@ def _number(name: str, value: object, right: str, ok: Callable[[float], bool]) -
         or not ok(value)
     ):
         raise LifecycleError(f"{name} must be {right}; got {value!r}")
-
-
-OPTION_NAMES = tuple(f.name for f in fields(Options))

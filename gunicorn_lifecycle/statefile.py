@@ -57,7 +57,7 @@ class StateFile:
     def __init__(self, path: str, fd: int, writable: bool) -> None:
         self.path = path
         size = os.fstat(fd).st_size
-        if size < layout.HEADER.size:
+        if size < layout.HEADER.size:  # an empty file cannot even be mapped
             layout.check_header(b"", size, path)
         prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
         self._map = mmap.mmap(fd, size, mmap.MAP_SHARED, prot)

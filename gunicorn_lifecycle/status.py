@@ -37,6 +37,8 @@ def snapshot(view: StateView) -> dict[str, Any]:
             generations[record.generation] = {
                 "generation": record.generation,
                 "master_pid": record.master_pid,
+                "parent_pid": record.parent_pid,
+                "opened_at": record.opened_at,
                 "reason": MASTER_REASONS[record.reason],
                 "open": True,
                 "closing": record.state == GenerationState.SUPERSEDED,
