@@ -1,13 +1,34 @@
-"""A small WSGI app to run under Gunicorn with the lifecycle hooks."""
+"""A small app to run under Gunicorn with the lifecycle hooks: WSGI (``app``) and ASGI (``asgi_app``)."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 
+def _body() -> bytes:
+    return f"hello from worker {os.getpid()}\n".encode()
+
+
 def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-    body = f"hello from worker {os.getpid()}\n".encode()
+    body = _body()
     start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
     return [body]
+
+
+async def asgi_app(scope: dict[str, Any], receive: Callable[[], Awaitable[dict[str, Any]]],
+                   send: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+    body = _body()
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"text/plain"),
+                            (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})

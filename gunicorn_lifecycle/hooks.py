@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import runpy
+import signal
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -178,7 +180,20 @@ def post_worker_init(worker: Any) -> None:
     """The worker loaded the application: mark its slot booted."""
     if _here.worker is not None:
         with _guard(worker, "post_worker_init"):
+            _exit_through_python()
             _here.worker.booted()
+
+
+def _exit_through_python() -> None:
+    """Make the stop signals that would kill the worker outright exit through Python instead.
+
+    UvicornWorker leaves them at SIG_DFL and uvicorn re-raises the one it caught
+    after its graceful shutdown: the process would die by the signal, and
+    Gunicorn's ``worker_exit`` hook (our worker's exit) would never run.
+    """
+    for stop in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+        if signal.getsignal(stop) == signal.SIG_DFL:
+            signal.signal(stop, lambda signum, frame: sys.exit(0))
 
 
 def worker_exit(server: Any, worker: Any) -> None:

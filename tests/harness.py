@@ -20,6 +20,10 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
+# The console script, not `python -m gunicorn`: a USR2 re-exec of the latter runs gunicorn's
+# __main__.py as a script, with gunicorn's own folder first on sys.path (its `http` package
+# then hides the standard library's, and gevent fails to import).
+GUNICORN = str(Path(sys.executable).parent / "gunicorn")
 CALLBACKS = ("master_start", "master_exit", "worker_start", "worker_exit", "worker_lost")
 HOOKS = ("on_starting", "on_reload", "post_fork", "post_worker_init", "worker_exit",
          "child_exit", "on_exit")
@@ -101,13 +105,14 @@ class Server:
         self.record.touch(mode=0o666)  # writable by workers that dropped privileges
         self.record.chmod(0o666)
         self.proc: subprocess.Popen[bytes] | None = None
+        self.app = "example_app.app:app"
 
     def start(self, wait_workers: int | None = None, prefix: tuple[str, ...] = ()) -> Server:
         """Run Gunicorn (behind the ``prefix`` command, if any); wait for its first workers."""
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [*prefix, sys.executable, "-m", "gunicorn", "-c", str(self.conf),
-                 "--pythonpath", str(REPO), "example_app.app:app"],
+                [*prefix, GUNICORN, "-c", str(self.conf),
+                 "--pythonpath", str(REPO), self.app],
                 cwd=self.directory, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True)
         if wait_workers:
@@ -136,6 +141,22 @@ class Server:
         wait_for(lambda: len(self.events(cb, **match)) >= count,
                  f"{count} {cb} events matching {match} (log: {self.log_tail()})", timeout)
         return self.events(cb, **match)
+
+    def wait_booted(self) -> None:
+        """Wait until every started worker that is still registered has booted.
+
+        A worker signalled before it installs its handlers (in Gunicorn's
+        init_process) never sees the signal: tests stop a server only once its
+        workers are up, as an operator would.
+        """
+        from gunicorn_lifecycle.status import read_status
+
+        def booted() -> bool:
+            workers = [w for g in read_status(self.state_file)["generations"]
+                       for w in g["workers"]]
+            return all(w["booted"] for w in workers)
+
+        wait_for(booted, f"the workers to boot (log: {self.log_tail()})")
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
@@ -176,6 +197,8 @@ class Server:
             wait_for(lambda: not alive(target), f"process {target} to exit", timeout)
 
     def stop(self) -> None:
+        if os.path.exists(self.state_file):
+            self.wait_booted()
         self.signal(signal.SIGTERM)
         self.wait_exit()
 
