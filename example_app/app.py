@@ -1,4 +1,4 @@
-"""A small app to run under Gunicorn with the lifecycle hooks: WSGI (``app``) and ASGI (``asgi_app``)."""
+"""A small app for Gunicorn with the lifecycle hooks: WSGI (``app``) and ASGI (``asgi_app``)."""
 
 from __future__ import annotations
 

@@ -8,9 +8,9 @@ import time
 from collections.abc import Callable
 
 import pytest
-from harness import Server, check_record, wait_for
 
 from gunicorn_lifecycle.status import read_status
+from harness import Server, check_record, wait_for
 
 Make = Callable[..., Server]
 WSGI, ASGI = "example_app.app:app", "example_app.app:asgi_app"
