@@ -107,14 +107,14 @@ class Server:
         self.proc: subprocess.Popen[bytes] | None = None
         self.app = "example_app.app:app"
 
-    def start(self, wait_workers: int | None = None, prefix: tuple[str, ...] = ()) -> Server:
+    def start(self, wait_workers: int | None = None, prefix: tuple[str, ...] = (),
+              env: dict[str, str] | None = None) -> Server:
         """Run Gunicorn (behind the ``prefix`` command, if any); wait for its first workers."""
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [*prefix, GUNICORN, "-c", str(self.conf),
-                 "--pythonpath", str(REPO), self.app],
+                [*prefix, GUNICORN, "-c", str(self.conf), "--pythonpath", str(REPO), self.app],
                 cwd=self.directory, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True)
+                env={**os.environ, **(env or {})}, start_new_session=True)
         if wait_workers:
             self.wait_count("worker_start", wait_workers)
         return self
