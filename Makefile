@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint clean
+.PHONY: run test lint matrix clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,5 +23,10 @@ lint: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/ruff check gunicorn_lifecycle tests benchmarks example_app
 
+# Every supported Gunicorn on every Python found here (pyenv's too); not part of CI.
+matrix: $(STAMP)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check nox
+	$(BIN)/nox -f noxfile.py $(NOX_ARGS)
+
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .nox *.egg-info .pytest_cache .mypy_cache .ruff_cache

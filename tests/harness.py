@@ -138,8 +138,8 @@ class Server:
     def wait_count(self, cb: str, count: int, timeout: float = 15.0,
                    **match: Any) -> list[dict[str, Any]]:
         """Wait until at least ``count`` events match, then return them all."""
-        wait_for(lambda: len(self.events(cb, **match)) >= count,
-                 f"{count} {cb} events matching {match} (log: {self.log_tail()})", timeout)
+        self._wait(lambda: len(self.events(cb, **match)) >= count,
+                   f"{count} {cb} events matching {match}", timeout)
         return self.events(cb, **match)
 
     def wait_booted(self) -> None:
@@ -156,7 +156,14 @@ class Server:
                        for w in g["workers"]]
             return all(w["booted"] for w in workers)
 
-        wait_for(booted, f"the workers to boot (log: {self.log_tail()})")
+        self._wait(booted, "the workers to boot")
+
+    def _wait(self, condition: Callable[[], Any], what: str, timeout: float = 15.0) -> Any:
+        """wait_for, with Gunicorn's log as it is when the wait fails."""
+        try:
+            return wait_for(condition, what, timeout)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n--- gunicorn log:\n{self.log_tail(40)}") from None
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
@@ -192,9 +199,9 @@ class Server:
         if target == self.pid:
             assert self.proc is not None
             proc = self.proc
-            wait_for(lambda: proc.poll() is not None, f"master {target} to exit", timeout)
+            self._wait(lambda: proc.poll() is not None, f"master {target} to exit", timeout)
         else:
-            wait_for(lambda: not alive(target), f"process {target} to exit", timeout)
+            self._wait(lambda: not alive(target), f"process {target} to exit", timeout)
 
     def stop(self) -> None:
         if os.path.exists(self.state_file):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import time
@@ -21,6 +22,8 @@ CLASSES = {
     "asgi": ASGI,
     "uvicorn_worker.UvicornWorker": ASGI,
 }
+if importlib.util.find_spec("gunicorn.workers.gasgi") is None:  # Gunicorn's own ASGI worker: 25+
+    del CLASSES["asgi"]
 BAD_DEATHS = ("SIGABRT", "SIGSEGV", "Fatal Python error", "Aborted", "core dumped")
 
 
