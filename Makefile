@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint matrix clean
+.PHONY: run test lint bench matrix clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/ruff check gunicorn_lifecycle tests benchmarks example_app
+
+# Benchmarks against bare Gunicorn and a naive tracker (not part of `make test`): ratios, budgets.
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks $(BENCH_ARGS)
 
 # Every supported Gunicorn on every Python found here (pyenv's too); not part of CI.
 matrix: $(STAMP)

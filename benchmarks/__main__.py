@@ -25,8 +25,8 @@ BENCHMARKS: dict[str, Callable[[Path, int, bool], Table]] = {
     "sweep": sweep.run,
     "memory": memory.run,
 }
-# About 7 minutes in all on a 2-core machine.
-DEFAULT_REPEATS = 5
+# About 6 minutes in all on a 2-core machine (3.5 of them for the heartbeat).
+DEFAULT_REPEATS = 7
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,13 +4,14 @@ Several threads send ``GET /`` over the unix socket, one connection per request
 as Gunicorn's sync worker closes each; requests that complete in the measured
 window (after a warm-up) are counted. Prints one JSON object.
 
-    python -m benchmarks.load SOCKET --seconds 5 --threads 4
+    python -m benchmarks.load SOCKET --seconds 5 --threads 4 [--cpu 0]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import threading
 import time
@@ -58,10 +59,19 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.load", description=__doc__)
     parser.add_argument("socket", help="Gunicorn's unix socket")
     parser.add_argument("--seconds", type=float, default=5.0, help="measured window")
-    parser.add_argument("--warmup", type=float, default=0.5, help="unmeasured lead-in")
+    parser.add_argument("--begin", type=float, default=None,
+                        help="time.monotonic() at which the window opens (the clock is "
+                             "system-wide, so generators run together measure the same window)")
+    parser.add_argument("--warmup", type=float, default=0.5,
+                        help="unmeasured lead-in, without --begin")
     parser.add_argument("--threads", type=int, default=4)
+    parser.add_argument("--cpu", type=int, action="append", help="run on this CPU only")
     args = parser.parse_args(argv)
-    begin = time.monotonic() + args.warmup
+    if args.cpu:
+        os.sched_setaffinity(0, args.cpu)
+    begin = time.monotonic() + args.warmup if args.begin is None else args.begin
+    if time.monotonic() >= begin:
+        parser.exit(2, "the window opened before this generator was ready; give more lead\n")
     counter = Counter(begin, begin + args.seconds)
     threads = [threading.Thread(target=counter.drive, args=(args.socket,))
                for _ in range(args.threads)]

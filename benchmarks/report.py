@@ -46,9 +46,12 @@ class Row:
     baseline: float | None
     unit: Unit
     budget: Budget | None = None
+    paired_ratio: float | None = None  # median of per-pair ratios, when runs come in pairs
 
     @property
     def ratio(self) -> float | None:
+        if self.paired_ratio is not None:
+            return self.paired_ratio
         if self.baseline is None or self.baseline == 0:
             return None
         return self.measured / self.baseline
@@ -77,7 +80,7 @@ class Table:
         cells = [header] + [
             (row.name, fmt(row.measured, row.unit),
              "-" if row.baseline is None else fmt(row.baseline, row.unit),
-             "-" if row.ratio is None else f"{row.ratio:.3g}",
+             "-" if row.ratio is None else _ratio(row.ratio),
              "-" if row.budget is None else row.budget.describe(row.unit),
              row.verdict)
             for row in self.rows
@@ -107,6 +110,11 @@ def fmt(value: float, unit: Unit) -> str:
     if unit == "req/s":
         return f"{value:,.0f} req/s"
     return f"{value:.3g}"
+
+
+def _ratio(value: float) -> str:
+    """Three decimals where a budget of 0.99 or 1.5 must be told apart, else three digits."""
+    return f"{value:.3f}" if 0.01 <= value < 100 else f"{value:.3g}"
 
 
 def median(values: Iterable[float]) -> float:

@@ -88,7 +88,7 @@ class Gunicorn:
     """One Gunicorn instance serving the example app on a unix socket in ``directory``."""
 
     def __init__(self, directory: Path, *, workers: int, hooks: str = "",
-                 settings: str = "") -> None:
+                 settings: str = "", cpus: set[int] | None = None) -> None:
         directory.mkdir(parents=True, exist_ok=False)
         self.directory = directory
         self.workers = workers
@@ -99,6 +99,7 @@ class Gunicorn:
         self.config.write_text(CONFIG.format(
             bind=f"unix:{self.socket}", workers=workers, settings=settings, hooks=hooks,
             ready=str(self._ready)))
+        self._cpus = cpus
         self._proc: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> Gunicorn:
@@ -107,8 +108,13 @@ class Gunicorn:
             self._proc = subprocess.Popen(
                 [sys.executable, "-m", "gunicorn", "-c", str(self.config), APP],
                 cwd=self.directory, env=env, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True)
+                start_new_session=True, preexec_fn=self._pin if self._cpus else None)
         return self
+
+    def _pin(self) -> None:
+        """In the child before exec (this process runs no threads): the master, so its workers."""
+        assert self._cpus is not None
+        os.sched_setaffinity(0, self._cpus)
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
                  trace: TracebackType | None) -> None:
