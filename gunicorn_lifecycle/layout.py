@@ -50,6 +50,12 @@ SLOT = struct.Struct("<IBB2xqi4xQqq")
 _SEQ = struct.Struct("<I")
 _HEARTBEAT = struct.Struct("<q")
 _HEARTBEAT_AT = 32
+# Lean views of a slot for the hot paths, which need a few fields of every slot
+# (or of their own) and no record objects: state and generation (counts, free
+# slots); seq, state, heartbeat and overrun (sweeps); state, pid, start (stamps).
+_SLOT_USE = struct.Struct("<4xB3xq32x")
+_SLOT_AGE = struct.Struct("<IB27xqq")
+_SLOT_OWNER = struct.Struct("<4xB11xi4xQ")
 
 _READ_TRIES = 1_000
 
@@ -194,8 +200,7 @@ class StateView:
             yield index, Generation(*fields)
 
     def locked_slots(self) -> Iterator[tuple[int, Slot]]:
-        region = self.buf[self._slots_at : self._slots_at + self.slots * SLOT.size]
-        for index, fields in enumerate(SLOT.iter_unpack(region)):
+        for index, fields in enumerate(SLOT.iter_unpack(self._slot_region())):
             yield index, Slot(*fields)
 
     def locked_generation(self, index: int) -> Generation:
@@ -216,9 +221,29 @@ class StateView:
     def write_slot(self, index: int, record: Slot) -> None:
         self._write(SLOT, self._slots_at + index * SLOT.size, record)
 
-    def write_heartbeat(self, index: int, ns: int) -> None:
-        """The lock-free beat: one aligned word of the worker's own slot."""
-        _HEARTBEAT.pack_into(self.buf, self._slots_at + index * SLOT.size + _HEARTBEAT_AT, ns)
+    def stamp(self, index: int, pid: int, started: int, ns: int) -> bool:
+        """The lock-free beat: if the slot still holds this worker, write its heartbeat word.
+
+        No sequence check: only a lock holder changes who a slot holds, and a
+        torn read here errs either way harmlessly (a needless re-registration,
+        which checks again under the lock, or a stamp on a slot just reused).
+        """
+        at = self._slots_at + index * SLOT.size
+        if _SLOT_OWNER.unpack_from(self.buf, at) != (SlotState.REGISTERED, pid, started):
+            return False
+        _HEARTBEAT.pack_into(self.buf, at + _HEARTBEAT_AT, ns)
+        return True
+
+    def slot_uses(self) -> Iterator[tuple[int, int]]:
+        """(state, generation) of every slot, for lock holders."""
+        return _SLOT_USE.iter_unpack(self._slot_region())
+
+    def slot_ages(self) -> Iterator[tuple[int, int, int, int]]:
+        """(seq, state, heartbeat, overrun) of every slot, for lock holders."""
+        return _SLOT_AGE.iter_unpack(self._slot_region())
+
+    def _slot_region(self) -> memoryview:
+        return self.buf[self._slots_at : self._slots_at + self.slots * SLOT.size]
 
     def _read(self, layout: struct.Struct, at: int) -> tuple[Any, ...]:
         for _ in range(_READ_TRIES):

@@ -80,9 +80,9 @@ class Transaction:
     def counts(self, number: int) -> tuple[int | None, int, int | None]:
         """Live workers of the nearest open generation below, of ``number``, and above."""
         per_generation: dict[int, int] = {g.generation: 0 for _, g in self.open_generations()}
-        for _, slot in self.view.locked_slots():
-            if slot.registered and slot.generation in per_generation:
-                per_generation[slot.generation] += 1
+        for state, generation in self.view.slot_uses():
+            if state == SlotState.REGISTERED and generation in per_generation:
+                per_generation[generation] += 1
         older = [g for g in per_generation if g < number]
         newer = [g for g in per_generation if g > number]
         return (
@@ -101,11 +101,11 @@ class Transaction:
 
     def register(self, number: int, pid: int, started: int, overrun: float) -> int | None:
         """Put a worker in a free slot; None when every slot is taken."""
-        now = time.monotonic_ns()
-        for index, slot in self.view.locked_slots():
-            if not slot.registered:
+        for index, (state, _) in enumerate(self.view.slot_uses()):
+            if state != SlotState.REGISTERED:
                 self.view.write_slot(index, Slot(0, SlotState.REGISTERED, 0, number, pid,
-                                                 started, now, int(overrun * 1e9)))
+                                                 started, time.monotonic_ns(),
+                                                 int(overrun * 1e9)))
                 return index
         return None
 

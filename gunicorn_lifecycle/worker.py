@@ -9,7 +9,7 @@ from typing import Any
 
 from .events import Event
 from .heartbeat import Heartbeat
-from .layout import Slot
+from .layout import Slot, SlotState
 from .lock import LockTimeout
 from .options import Options
 from .process import own_start_time
@@ -88,12 +88,9 @@ class Worker:
 
     def _stamp(self) -> bool:
         """Write the own slot's heartbeat, if the slot is still ours."""
-        view = self.tracker.view
-        if not self._owns(view.consistent_slot, self.index):
-            return False
-        assert self.index is not None
-        view.write_heartbeat(self.index, time.monotonic_ns())
-        return True
+        index = self.index
+        return index is not None and self.tracker.view.stamp(index, self.pid, self.started,
+                                                             time.monotonic_ns())
 
     def _sweep(self) -> None:
         """Drop every worker whose heartbeat overran; at most once per interval node-wide."""
@@ -103,9 +100,10 @@ class Worker:
             if self.heartbeat.stopped or 0 <= since < self.options.interval * 1e9:
                 return
             tx.view.set_last_sweep(now)
-            tx.repair()
-            for index, slot in tx.view.locked_slots():
-                if slot.registered and now - slot.heartbeat > slot.overrun:
+            for index, (seq, state, heartbeat, overrun) in enumerate(tx.view.slot_ages()):
+                if seq % 2:  # left half-written by a writer that died
+                    tx.view.write_slot(index, tx.view.locked_slot(index))
+                if state == SlotState.REGISTERED and now - heartbeat > overrun:
                     tx.lose(index, "heartbeat", self.options, self.server, None)
             tx.then(self._stamp)  # the callbacks may be slow: be fresh when others sweep
 

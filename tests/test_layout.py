@@ -32,8 +32,13 @@ def test_records_round_trip_with_even_sequence() -> None:
     v.write_slot(2, slot)
     read = v.consistent_slot(2)
     assert read._replace(seq=0) == slot and read.seq % 2 == 0 and read.seq > 0
-    v.write_heartbeat(2, 789)
+    assert v.stamp(2, 4242, 99, 789)
     assert v.consistent_slot(2).heartbeat == 789 == v.locked_slot(2).heartbeat
+    assert not v.stamp(2, 4242, 98, 790) and not v.stamp(2, 4243, 99, 790)  # not its own
+    assert not v.stamp(1, 4242, 99, 790)  # a free slot
+    assert v.locked_slot(2).heartbeat == 789 and v.locked_slot(1).heartbeat == 0
+    assert list(v.slot_uses())[2] == (layout.SlotState.REGISTERED, 7)
+    assert list(v.slot_ages())[2] == (read.seq, layout.SlotState.REGISTERED, 789, 456)
     gen = layout.Generation(0, layout.GenerationState.OPEN, 1, 7, 100, 0, 5, 0, 1.5)
     v.write_generation(15, gen)
     assert v.consistent_generation(15)._replace(seq=0) == gen
