@@ -1,20 +1,23 @@
 """The heartbeat thread of a worker.
 
-A daemon thread that sleeps, then beats. Nobody ever waits for it: stopping
-only sets a flag, so it can never delay a worker's exit. ``time.sleep`` is
-taken at import, before a gevent worker patches the standard library, so the
-thread stays a real thread that the worker's event loop cannot starve.
+A bare thread that sleeps, then beats. Nobody ever waits for it: stopping only
+sets a flag, and an exiting interpreter does not wait for it either, so it can
+never delay a worker's exit. The thread primitive and ``time.sleep`` are taken
+at import, before a gevent worker patches the standard library, so the thread
+stays a real thread that the worker's event loop cannot starve.
 """
 
 from __future__ import annotations
 
-import threading
+import _thread
 import time
 from collections.abc import Callable
 
 from .events import Log
 
+# Taken at import, before a gevent worker patches them: the beat stays a real thread.
 _sleep = time.sleep
+_start_thread = _thread.start_new_thread
 
 
 class Heartbeat:
@@ -25,11 +28,11 @@ class Heartbeat:
         self._beat = beat
         self._log = log
         self._stopped = False
-        self._thread = threading.Thread(target=self._run, name="gunicorn-lifecycle-heartbeat",
-                                        daemon=True)
 
     def start(self) -> None:
-        self._thread.start()
+        # The bare thread primitive: unlike threading.Thread.start it does not wait for the
+        # thread to run, and no interpreter shutdown ever waits for it.
+        _start_thread(self._run, ())
 
     def stop(self) -> None:
         self._stopped = True

@@ -103,8 +103,8 @@ class Master:
             self.parent_pid, self.started, 0, time.time()))
         self.generations[number] = options
         self.current = number
-        tx.emit("master_start", tx.event(number, self.pid, reason, worker_id=False,
-                                         server=self.server, worker=None), options)
+        tx.emit("master_start", options, number, self.pid, reason, worker_id=False,
+                server=self.server, worker=None)
 
     def _close_drained(self, tx: Transaction) -> None:
         """Close the generations a HUP superseded once their last worker is gone."""
@@ -123,9 +123,8 @@ class Master:
             if slot.registered and slot.generation == number:
                 tx.lose(slot_index, "crash", options, self.server, None)
         tx.close(index, self.tracker.log)
-        event = tx.event(number, self.pid, reason, worker_id=False, server=self.server,
-                         worker=None)
-        tx.emit("master_exit", event, options)
+        tx.emit("master_exit", options, number, self.pid, reason, worker_id=False,
+                server=self.server, worker=None)
 
     def _exit_reason(self, tx: Transaction, record: Generation) -> str:
         if record.state == GenerationState.SUPERSEDED:

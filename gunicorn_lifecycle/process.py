@@ -13,11 +13,14 @@ def start_time(pid: int) -> int | None:
     """The start time of a running (non-zombie) process, or None if there is none."""
     if pid <= 0:
         return None
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
+    try:  # os.open, not open(): no buffered-IO objects, on a path run in every post_fork
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return None
+    try:
+        stat = os.read(fd, 4096)
+    finally:
+        os.close(fd)
     # The command name (field 2) may hold spaces and parentheses: split after the last ")".
     fields = stat[stat.rfind(b")") + 2 :].split()
     if len(fields) < 20 or fields[0] == b"Z":

@@ -46,7 +46,14 @@ class Transaction:
         self._calls: list[tuple[str, Event, Options]] = []
         self._then: list[Callable[[], object]] = []
 
-    def emit(self, callback: str, event: Event, options: Options) -> None:
+    def emit(self, callback: str, options: Options, number: int, pid: int, reason: str, *,
+             worker_id: bool, server: Any, worker: Any) -> None:
+        """Queue the user's ``callback``, if set, with the event as it is now (counts included)."""
+        if getattr(options, callback) is None:
+            return
+        n_prev, n_mine, n_next = self.counts(number)
+        event_id = f"{number}-{pid}" if worker_id else str(number)
+        event = Event(event_id, n_prev, n_mine, n_next, reason, number, pid, server, worker)
         self._calls.append((callback, event, options))
 
     def then(self, step: Callable[[], object]) -> None:
@@ -91,12 +98,6 @@ class Transaction:
             per_generation[min(newer)] if newer else None,
         )
 
-    def event(self, number: int, pid: int, reason: str, *, worker_id: bool,
-              server: Any, worker: Any) -> Event:
-        n_prev, n_mine, n_next = self.counts(number)
-        event_id = f"{number}-{pid}" if worker_id else str(number)
-        return Event(event_id, n_prev, n_mine, n_next, reason, number, pid, server, worker)
-
     # changing
 
     def register(self, number: int, pid: int, started: int, overrun: float) -> int | None:
@@ -122,8 +123,8 @@ class Transaction:
         """A worker died without a word: drop it, then tell ``worker_lost``."""
         slot = self.view.locked_slot(index)
         self.deregister(index)
-        self.emit("worker_lost", self.event(slot.generation, slot.pid, reason, worker_id=True,
-                                            server=server, worker=worker), options)
+        self.emit("worker_lost", options, slot.generation, slot.pid, reason, worker_id=True,
+                  server=server, worker=worker)
 
     def repair(self) -> None:
         """Finish the records a writer left half-written (it died, or a signal cut it short)."""

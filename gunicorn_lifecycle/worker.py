@@ -7,7 +7,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .events import Event
 from .heartbeat import Heartbeat
 from .layout import Slot, SlotState
 from .lock import LockTimeout
@@ -42,9 +41,8 @@ class Worker:
                 return
             if not self._register(tx):
                 return
-            reason = "respawn" if found[1].gone else "spawn"
-            self.heartbeat.start()
-            tx.emit("worker_start", self._event(tx, reason), self.options)
+            self._emit(tx, "worker_start", "respawn" if found[1].gone else "spawn")
+        self.heartbeat.start()
 
     def booted(self) -> None:
         """post_worker_init: the application is loaded."""
@@ -65,10 +63,9 @@ class Worker:
                                       "as lost", self.pid)
                 return
             assert self.index is not None
-            event = self._event(tx, "exit")
+            self._emit(tx, "worker_exit", "exit")  # counts itself: before it deregisters
             tx.deregister(self.index)
             self.index = None
-            tx.emit("worker_exit", event, self.options)
 
     def beat(self) -> None:
         """One heartbeat: stamp the own slot, and sweep the node when a sweep is due.
@@ -136,6 +133,6 @@ class Worker:
     def _is_mine(self, slot: Slot) -> bool:
         return slot.registered and slot.pid == self.pid and slot.started == self.started
 
-    def _event(self, tx: Transaction, reason: str) -> Event:
-        return tx.event(self.generation, self.pid, reason, worker_id=True, server=self.server,
-                        worker=self.worker)
+    def _emit(self, tx: Transaction, callback: str, reason: str) -> None:
+        tx.emit(callback, self.options, self.generation, self.pid, reason, worker_id=True,
+                server=self.server, worker=self.worker)
