@@ -185,6 +185,15 @@ def rss_bytes(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
+def uss_bytes(pid: int) -> int:
+    """Memory private to a process (Private_Clean + Private_Dirty in smaps_rollup)."""
+    private = 0
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith(("Private_Clean:", "Private_Dirty:")):
+            private += int(line.split()[1]) * 1024
+    return private
+
+
 def state_view(state_file: Path) -> StateView:
     """A read-only view of a running instance's state file, as the status command reads it."""
     return open_for_reading(str(state_file)).view

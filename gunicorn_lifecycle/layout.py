@@ -54,8 +54,8 @@ _HEARTBEAT_AT = 32
 # (or of their own) and no record objects: state and generation (counts, free
 # slots); seq, state, heartbeat and overrun (sweeps); state, pid, start (stamps).
 _SLOT_USE = struct.Struct("<4xB3xq32x")
-_SLOT_AGE = struct.Struct("<IB27xqq")
 _SLOT_OWNER = struct.Struct("<4xB11xi4xQ")
+_ODD = bytes(i & 1 for i in range(256))  # maps a counter's low byte to 1 when it is odd
 
 _READ_TRIES = 1_000
 
@@ -238,9 +238,16 @@ class StateView:
         """(state, generation) of every slot, for lock holders."""
         return _SLOT_USE.iter_unpack(self._slot_region())
 
-    def slot_ages(self) -> Iterator[tuple[int, int, int, int]]:
-        """(seq, state, heartbeat, overrun) of every slot, for lock holders."""
-        return _SLOT_AGE.iter_unpack(self._slot_region())
+    def sweep_candidates(self) -> list[int]:
+        """The registered slots and the half-written ones: all that a sweep must read.
+
+        Found with strided byte copies and ``bytes.find``, so that a sweep of a
+        large, mostly free file costs little more than its registered slots.
+        """
+        region = self._slot_region()
+        states = bytes(region[4 :: SLOT.size])
+        torn = bytes(region[0 :: SLOT.size]).translate(_ODD)  # little-endian: low byte first
+        return sorted({*_positions(states, SlotState.REGISTERED), *_positions(torn, 1)})
 
     def _slot_region(self) -> memoryview:
         return self.buf[self._slots_at : self._slots_at + self.slots * SLOT.size]
@@ -263,3 +270,10 @@ class StateView:
         _SEQ.pack_into(self.buf, at, odd & 0xFFFFFFFF)
         layout.pack_into(self.buf, at, odd & 0xFFFFFFFF, *record[1:])
         _SEQ.pack_into(self.buf, at, (odd + 1) & 0xFFFFFFFF)
+
+
+def _positions(data: bytes, value: int) -> Iterator[int]:
+    at = data.find(value)
+    while at >= 0:
+        yield at
+        at = data.find(value, at + 1)

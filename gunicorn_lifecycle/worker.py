@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .heartbeat import Heartbeat
-from .layout import Slot, SlotState
+from .layout import Slot
 from .lock import LockTimeout
 from .options import Options
 from .process import own_start_time
@@ -97,10 +97,11 @@ class Worker:
             if self.heartbeat.stopped or 0 <= since < self.options.interval * 1e9:
                 return
             tx.view.set_last_sweep(now)
-            for index, (seq, state, heartbeat, overrun) in enumerate(tx.view.slot_ages()):
-                if seq % 2:  # left half-written by a writer that died
-                    tx.view.write_slot(index, tx.view.locked_slot(index))
-                if state == SlotState.REGISTERED and now - heartbeat > overrun:
+            for index in tx.view.sweep_candidates():
+                slot = tx.view.locked_slot(index)
+                if slot.seq % 2:  # left half-written by a writer that died
+                    tx.view.write_slot(index, slot)
+                if slot.registered and now - slot.heartbeat > slot.overrun:
                     tx.lose(index, "heartbeat", self.options, self.server, None)
             tx.then(self._stamp)  # the callbacks may be slow: be fresh when others sweep
 

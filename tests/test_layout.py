@@ -38,7 +38,9 @@ def test_records_round_trip_with_even_sequence() -> None:
     assert not v.stamp(1, 4242, 99, 790)  # a free slot
     assert v.locked_slot(2).heartbeat == 789 and v.locked_slot(1).heartbeat == 0
     assert list(v.slot_uses())[2] == (layout.SlotState.REGISTERED, 7)
-    assert list(v.slot_ages())[2] == (read.seq, layout.SlotState.REGISTERED, 789, 456)
+    assert v.sweep_candidates() == [2]
+    struct.pack_into("<I", v.buf, layout.HEADER_SIZE + 16 * 48 + 3 * 48, 257)  # odd: torn
+    assert v.sweep_candidates() == [2, 3]
     gen = layout.Generation(0, layout.GenerationState.OPEN, 1, 7, 100, 0, 5, 0, 1.5)
     v.write_generation(15, gen)
     assert v.consistent_generation(15)._replace(seq=0) == gen
