@@ -9,7 +9,6 @@ callback under ``on_error="raise"``, reach Gunicorn.
 from __future__ import annotations
 
 import os
-import runpy
 import signal
 import sys
 from collections.abc import Iterator
@@ -73,6 +72,8 @@ def state_path_for_config(config_file: str | None) -> str:
     gives ``state_file``, its ``bind`` the default path. Without a config file,
     Gunicorn's defaults apply (``./gunicorn.conf.py`` if there is one).
     """
+    import runpy  # here, not at the top: only the status command needs it, never a worker
+
     from gunicorn.config import Config, get_default_config_file
 
     config_file = config_file or get_default_config_file()
