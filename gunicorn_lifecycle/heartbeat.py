@@ -10,6 +10,7 @@ stays a real thread that the worker's event loop cannot starve.
 from __future__ import annotations
 
 import _thread
+import signal
 import time
 from collections.abc import Callable
 
@@ -23,10 +24,12 @@ _start_thread = _thread.start_new_thread
 class Heartbeat:
     """Calls ``beat`` every ``interval`` seconds until stopped."""
 
-    def __init__(self, interval: float, beat: Callable[[], None], log: Log) -> None:
+    def __init__(self, interval: float, beat: Callable[[], None], log: Log,
+                 signals: frozenset[int]) -> None:
         self._interval = interval
         self._beat = beat
         self._log = log
+        self._signals = signals
         self._stopped = False
 
     def start(self) -> None:
@@ -42,6 +45,9 @@ class Heartbeat:
         return self._stopped
 
     def _run(self) -> None:
+        # ``signals`` are for the worker's main thread: none is ever delivered here, so
+        # that blocking them there while it holds the lock really holds them back.
+        signal.pthread_sigmask(signal.SIG_BLOCK, self._signals)
         # Beats keep to fixed deadlines, so that a slow beat does not stretch the period;
         # after a stop (SIGSTOP, swapping) the missed ones are skipped, not made up.
         next_beat = time.monotonic() + self._interval

@@ -25,6 +25,11 @@ from .worker import Worker
 
 HOOKS = ("on_starting", "on_reload", "post_fork", "post_worker_init", "worker_exit",
          "child_exit", "on_exit")
+# The signals Gunicorn's masters and workers handle: held back during a transaction.
+GUNICORN_SIGNALS = frozenset({
+    signal.SIGHUP, signal.SIGQUIT, signal.SIGINT, signal.SIGTERM, signal.SIGTTIN,
+    signal.SIGTTOU, signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH, signal.SIGCHLD,
+    signal.SIGABRT})
 
 
 class _Process:
@@ -142,7 +147,8 @@ def on_starting(server: Any) -> None:
         state = open_for_server(path, lock, options, owner=(server.cfg.uid, server.cfg.gid))
         server.log.info("gunicorn_lifecycle: state file %s", path)
         _check_wiring(server)
-        master = Master(Tracker(state, lock, server.log), server, server.master_pid)
+        tracker = Tracker(state, lock, server.log, GUNICORN_SIGNALS)
+        master = Master(tracker, server, server.master_pid)
         master.start(options)
         _here.master, _here.starting_failed = master, False
 

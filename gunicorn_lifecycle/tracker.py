@@ -8,6 +8,7 @@ user code runs, so a callback that raises cannot leave the state half-done.
 from __future__ import annotations
 
 import os
+import signal
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -147,12 +148,20 @@ class Transaction:
 
 
 class Tracker:
-    """One state file and its lock, as seen from this process."""
+    """One state file and its lock, as seen from this process.
 
-    def __init__(self, state: StateFile, lock: Lock, log: Log) -> None:
+    ``deferred`` are the signals whose handlers could re-enter a transaction
+    (old Gunicorn masters reap workers, and call ``child_exit``, from the SIGCHLD
+    handler) or end it halfway (a worker's SIGQUIT handler exits): they are
+    blocked while a transaction runs and delivered when it is over.
+    """
+
+    def __init__(self, state: StateFile, lock: Lock, log: Log,
+                 deferred: frozenset[int] = frozenset()) -> None:
         self.state = state
         self.lock = lock
         self.log = log
+        self.deferred = deferred
 
     @property
     def view(self) -> StateView:
@@ -161,7 +170,7 @@ class Tracker:
     @contextmanager
     def transaction(self, event: str, timeout: float) -> Iterator[Transaction]:
         """Hold the lock for ``event``; LockTimeout names the holder if it is not had in time."""
-        with self.lock.hold(timeout, event, self._holder):
+        with blocked(self.deferred), self.lock.hold(timeout, event, self._holder):
             self.view.set_holder(os.getpid(), LOCK_EVENTS.index(event))
             transaction = Transaction(self.view)
             yield transaction
@@ -170,3 +179,13 @@ class Tracker:
     def _holder(self) -> str:
         pid, code = self.view.holder()
         return f"pid {pid} ({LOCK_EVENTS[code] if code < len(LOCK_EVENTS) else '?'})"
+
+
+@contextmanager
+def blocked(signals: frozenset[int]) -> Iterator[None]:
+    """Hold back ``signals`` in this thread; the pending ones arrive on the way out."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)

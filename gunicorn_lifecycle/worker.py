@@ -28,7 +28,7 @@ class Worker:
         self.pid = os.getpid()
         self.started = own_start_time()
         self.index: int | None = None
-        self.heartbeat = Heartbeat(options.interval, self.beat, tracker.log)
+        self.heartbeat = Heartbeat(options.interval, self.beat, tracker.log, tracker.deferred)
 
     def start(self) -> None:
         """post_fork: register, start beating, then tell ``worker_start``."""
