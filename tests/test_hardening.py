@@ -364,3 +364,25 @@ def test_a_state_of_another_boot_is_a_restart(server: Make, tmp_path: Path) -> N
     finally:
         live.kill()
         live.wait()
+
+
+REAP_IN_THE_HANDLER = """
+def when_ready(server):
+    import signal
+    # As Gunicorn 21 and 22 do: reap (and call child_exit) from the SIGCHLD handler itself.
+    signal.signal(signal.SIGCHLD, lambda signum, frame: server.reap_workers())
+"""
+
+
+def test_a_signal_handler_cannot_reenter_a_transaction(server: Make) -> None:
+    s = server(workers=3, settings=REAP_IN_THE_HANDLER, block={"worker_lost": 1.5},
+               interval=30.0).start(wait_workers=3)
+    first, second = (e["pid"] for e in s.events("worker_start")[:2])
+    os.kill(first, signal.SIGKILL)  # its worker_lost callback holds the lock for 1.5 s
+    wait_for(lambda: Path(str(s.record) + ".worker_lost").exists(), "the blocking callback")
+    os.kill(second, signal.SIGKILL)  # SIGCHLD now: its handler would re-enter the lock
+    lost = s.wait_count("worker_lost", 2, timeout=10)
+    assert {e["pid"] for e in lost} == {first, second}
+    assert "gave up" not in s.log_text()
+    s.stop()
+    check_record(s.events())
