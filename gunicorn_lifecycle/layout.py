@@ -57,7 +57,9 @@ _SLOT_USE = struct.Struct("<4xB3xq32x")
 _SLOT_OWNER = struct.Struct("<4xB11xi4xQ")
 _ODD = bytes(i & 1 for i in range(256))  # maps a counter's low byte to 1 when it is odd
 
-_READ_TRIES = 1_000
+# How long a lock-free reader waits for a record's writer, which a loaded machine
+# may preempt in the middle of a write for milliseconds.
+_READ_PATIENCE = 1.0
 
 
 class GenerationState(enum.IntEnum):
@@ -253,13 +255,18 @@ class StateView:
         return self.buf[self._slots_at : self._slots_at + self.slots * SLOT.size]
 
     def _read(self, layout: struct.Struct, at: int) -> tuple[Any, ...]:
-        for _ in range(_READ_TRIES):
+        deadline = time.monotonic() + _READ_PATIENCE
+        pause = 0.0001
+        while True:
             (before,) = _SEQ.unpack_from(self.buf, at)
             fields = layout.unpack_from(self.buf, at)
             (after,) = _SEQ.unpack_from(self.buf, at)
             if before % 2 == 0 and after == before:
                 return fields
-            time.sleep(0)
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(pause)
+            pause = min(pause * 2, 0.01)
         raise LifecycleError(f"state file {self.path}: the record at byte {at} stays half-written "
                              "(a writer died in the middle of it); the next lock holder repairs it")
 

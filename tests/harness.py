@@ -142,21 +142,28 @@ class Server:
                    f"{count} {cb} events matching {match}", timeout)
         return self.events(cb, **match)
 
-    def wait_booted(self) -> None:
+    def wait_booted(self, workers: int | None = None) -> None:
         """Wait until every started worker that is still registered has booted.
 
         A worker signalled before it installs its handlers (in Gunicorn's
         init_process) never sees the signal: tests stop a server only once its
-        workers are up, as an operator would.
+        workers are up, as an operator would. With ``workers``, also wait until
+        the state holds a single generation with that many workers (a reload or
+        an upgrade has settled, every new worker is registered).
         """
         from gunicorn_lifecycle.status import read_status
 
         def booted() -> bool:
-            workers = [w for g in read_status(self.state_file)["generations"]
-                       for w in g["workers"]]
-            return all(w["booted"] for w in workers)
+            if not os.path.exists(self.state_file):
+                return False
+            generations = read_status(self.state_file)["generations"]
+            registered = [w for g in generations for w in g["workers"]]
+            if workers is not None and (len(generations), len(registered)) != (1, workers):
+                return False
+            return all(w["booted"] for w in registered)
 
-        self._wait(booted, "the workers to boot")
+        self._wait(booted, "the workers to boot" if workers is None
+                   else f"one generation of {workers} booted workers")
 
     def _wait(self, condition: Callable[[], Any], what: str, timeout: float = 15.0) -> Any:
         """wait_for, with Gunicorn's log as it is when the wait fails."""

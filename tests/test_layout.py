@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+import threading
 
 import pytest
 
@@ -54,6 +55,18 @@ def test_a_writer_killed_mid_record_is_repaired_by_the_next_write() -> None:
         v.consistent_slot(0)
     v.write_slot(0, layout.FREE_SLOT)
     assert v.consistent_slot(0).seq % 2 == 0
+
+
+def test_a_reader_waits_out_a_writer_preempted_mid_record() -> None:
+    v = view()
+    at = layout.HEADER_SIZE + layout.GENERATIONS * layout.GENERATION.size
+    struct.pack_into("<I", v.buf, at, 3)  # a write begun, its writer descheduled
+    finish = threading.Timer(0.2, v.write_slot, (0, layout.FREE_SLOT._replace(pid=42)))
+    finish.start()
+    try:
+        assert v.consistent_slot(0).pid == 42
+    finally:
+        finish.join()
 
 
 @pytest.mark.parametrize(("data", "message"), [

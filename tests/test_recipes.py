@@ -8,6 +8,7 @@ import signal
 from collections.abc import Callable
 from pathlib import Path
 
+from gunicorn_lifecycle.statefile import default_path
 from harness import REPO, Server, wait_for
 
 Make = Callable[..., Server]
@@ -21,11 +22,18 @@ def recipe(name: str) -> str:
     return found.group(1)
 
 
+def recipe_server(server: Make, name: str, workers: int, settings: str = "") -> Server:
+    """A server configured by a recipe, which keeps the default state file."""
+    s = server(workers=workers, settings=recipe(name) + settings)
+    s.state_file = default_path([f"unix:{s.sock}"])
+    return s
+
+
 def test_prometheus_directory_wiped_only_on_cold_start(server: Make, tmp_path: Path) -> None:
     metrics = tmp_path / "metrics"
     metrics.mkdir()
     (metrics / "counter_99999.db").write_bytes(b"left by a server that crashed")
-    s = server(workers=2, settings=recipe("prometheus"))
+    s = recipe_server(server, "prometheus", 2)
     s.app = "example_app.metrics:app"
     s.start(env={"PROMETHEUS_MULTIPROC_DIR": str(metrics)})
     wait_for(lambda: len(s.live_workers(s.pid)) == 2, "two workers")
@@ -58,7 +66,7 @@ def test_prometheus_directory_wiped_only_on_cold_start(server: Make, tmp_path: P
 def test_run_once_per_deploy(server: Make, tmp_path: Path) -> None:
     deploys = tmp_path / "deploys.log"
     pidfile = tmp_path / "gunicorn.pid"
-    s = server(workers=3, settings=recipe("run-once") + f"pidfile = {str(pidfile)!r}\n")
+    s = recipe_server(server, "run-once", 3, f"pidfile = {str(pidfile)!r}\n")
     s.start(env={"DEPLOY_LOG": str(deploys)})
     wait_for(lambda: len(s.live_workers(s.pid)) == 3, "three workers")
     s.signal(signal.SIGHUP)  # config only: no migration
@@ -80,11 +88,12 @@ def _read(path: Path) -> str:
 
 def test_first_and_last_worker(server: Make, tmp_path: Path) -> None:
     marks = tmp_path / "marks"
-    s = server(workers=3, settings=recipe("first-last"))
+    s = recipe_server(server, "first-last", 3)
     s.start(env={"MARKS": str(marks)})
-    wait_for(lambda: len(s.live_workers(s.pid)) == 3, "three workers")
+    s.wait_booted(workers=3)
     s.signal(signal.SIGHUP)
     wait_for(lambda: marks.read_text().count("first ") == 2, "the reload's first worker")
+    s.wait_booted(workers=3)  # stopped halfway, a worker Gunicorn had not yet set up is killed
     s.stop()
     lines = marks.read_text().splitlines()
     assert [line.split()[0] for line in lines].count("first") == 2, lines
