@@ -188,6 +188,7 @@ def test_privilege_drop_hands_the_files_to_the_workers(shared_dir: Path) -> None
             assert (info.st_uid, info.st_gid) == (NOBODY.pw_uid, NOBODY.pw_gid), path
             assert info.st_mode & 0o777 == 0o600, path
         workers = [e["pid"] for e in s.events("worker_start")]
+        s.wait_booted()  # worker_start runs in post_fork, before Gunicorn drops privileges
         assert all(os.stat(f"/proc/{pid}").st_uid == NOBODY.pw_uid for pid in workers)
 
         def fresh_beats() -> bool:
