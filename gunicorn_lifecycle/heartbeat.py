@@ -48,15 +48,13 @@ class Heartbeat:
         # ``signals`` are for the worker's main thread: none is ever delivered here, so
         # that blocking them there while it holds the lock really holds them back.
         signal.pthread_sigmask(signal.SIG_BLOCK, self._signals)
-        # Beats keep to fixed deadlines, so that a slow beat does not stretch the period;
-        # after a stop (SIGSTOP, swapping) the missed ones are skipped, not made up.
-        next_beat = time.monotonic() + self._interval
+        # Each beat sleeps a whole interval after the previous one ended: a stamp is never
+        # older than interval plus one wake-up's latency, however slow a beat was.
         while True:
-            _sleep(max(0.0, next_beat - time.monotonic()))
+            _sleep(self._interval)
             if self._stopped:
                 return
             try:
                 self._beat()
             except Exception:
                 self._log.exception("gunicorn_lifecycle: heartbeat failed")
-            next_beat = max(next_beat + self._interval, time.monotonic())
