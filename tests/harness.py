@@ -81,6 +81,19 @@ def wait_for(condition: Callable[[], Any], what: str, timeout: float = 15.0) -> 
         time.sleep(0.02)
 
 
+def booted(state_file: str, workers: int | None = None) -> bool:
+    """Every registered worker has booted; with ``workers``, in one generation of that many."""
+    from gunicorn_lifecycle.status import read_status
+
+    if not os.path.exists(state_file):
+        return False
+    generations = read_status(state_file)["generations"]
+    registered = [w for g in generations for w in g["workers"]]
+    if workers is not None and (len(generations), len(registered)) != (1, workers):
+        return False
+    return all(w["booted"] for w in registered)
+
+
 class Server:
     """One Gunicorn instance (and any master it re-executes), run from a generated config."""
 
@@ -151,19 +164,8 @@ class Server:
         the state holds a single generation with that many workers (a reload or
         an upgrade has settled, every new worker is registered).
         """
-        from gunicorn_lifecycle.status import read_status
-
-        def booted() -> bool:
-            if not os.path.exists(self.state_file):
-                return False
-            generations = read_status(self.state_file)["generations"]
-            registered = [w for g in generations for w in g["workers"]]
-            if workers is not None and (len(generations), len(registered)) != (1, workers):
-                return False
-            return all(w["booted"] for w in registered)
-
-        self._wait(booted, "the workers to boot" if workers is None
-                   else f"one generation of {workers} booted workers")
+        self._wait(lambda: booted(self.state_file, workers), "the workers to boot"
+                   if workers is None else f"one generation of {workers} booted workers")
 
     def _wait(self, condition: Callable[[], Any], what: str, timeout: float = 15.0) -> Any:
         """wait_for, with Gunicorn's log as it is when the wait fails."""

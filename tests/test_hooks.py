@@ -12,8 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from gunicorn_lifecycle import layout
-from gunicorn_lifecycle.statefile import open_for_reading
-from harness import HOOKS, REPO, Server, check_record, wait_for
+from gunicorn_lifecycle.statefile import default_path, open_for_reading
+from harness import HOOKS, REPO, Server, booted, check_record, wait_for
 
 Make = Callable[..., Server]
 
@@ -110,6 +110,8 @@ def test_make_run_serves_logs_events_and_stops_on_term(tmp_path: Path) -> None:
         assert body.startswith(b"hello from worker")
         wait_for(lambda: "lifecycle worker_start" in log.read_text(), "worker_start in the log")
         assert "lifecycle master_start id=" in log.read_text()
+        # Both workers of the example config up: a worker signalled earlier would miss it.
+        wait_for(lambda: booted(default_path(["127.0.0.1:8000"]), 2), "two booted workers")
         os.killpg(make.pid, signal.SIGTERM)
         make.wait(timeout=10)
         wait_for(lambda: "reason=stop" in log.read_text(), "master_exit(stop) in the log", 10)
