@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gunicorn_lifecycle.layout import SLOT, file_size
+from gunicorn_lifecycle.layout import SLOT_WORDS, WORD, file_size
 
 from .report import Budget, Row, Table, median
 from .server import (
@@ -21,7 +21,7 @@ from .server import (
     plugin_hooks,
     registered_slots,
     rss_bytes,
-    state_view,
+    state_words,
     uss_bytes,
     wait_beats,
 )
@@ -49,7 +49,7 @@ def run(workdir: Path, repeats: int, quick: bool) -> Table:
                 median(rss["bare"]), "B"),
             Row("worker private memory (USS), plugin vs bare", median(uss["plugin"]),
                 median(uss["bare"]), "B"),
-            Row("state file per slot", SLOT.size, None, "B"),
+            Row("state file per slot", SLOT_WORDS * WORD, None, "B"),
         ],
         [f"{WORKERS} sync workers; median over workers, median of {repeats} runs; the state "
          f"file is {file_size(DEFAULT_SLOTS):,} bytes at the default {DEFAULT_SLOTS} slots"],
@@ -64,6 +64,6 @@ def _worker_memory(directory: Path, kind: str) -> tuple[float, float]:
     with Gunicorn(directory, workers=WORKERS, hooks=hooks) as server:
         pids = server.ready()
         if kind == "plugin":
-            view = state_view(state_file)
-            wait_beats(view, registered_slots(view))
+            words = state_words(state_file)
+            wait_beats(words, registered_slots(words))
         return median(rss_bytes(pid) for pid in pids), median(uss_bytes(pid) for pid in pids)

@@ -20,7 +20,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import TypeVar
 
-from gunicorn_lifecycle.layout import StateView
+from gunicorn_lifecycle.layout import S, SlotState, slot_at
+from gunicorn_lifecycle.protocol import Words
 from gunicorn_lifecycle.statefile import open_for_reading
 
 REPO = Path(__file__).resolve().parent.parent
@@ -62,6 +63,7 @@ on_reload = gunicorn_lifecycle.on_reload
 post_fork = gunicorn_lifecycle.post_fork
 post_worker_init = gunicorn_lifecycle.post_worker_init
 worker_exit = gunicorn_lifecycle.worker_exit
+worker_abort = gunicorn_lifecycle.worker_abort
 child_exit = gunicorn_lifecycle.child_exit
 on_exit = gunicorn_lifecycle.on_exit
 '''
@@ -194,19 +196,24 @@ def uss_bytes(pid: int) -> int:
     return private
 
 
-def state_view(state_file: Path) -> StateView:
+def state_words(state_file: Path) -> Words:
     """A read-only view of a running instance's state file, as the status command reads it."""
-    return open_for_reading(str(state_file)).view
+    return open_for_reading(str(state_file)).words
 
 
-def registered_slots(view: StateView) -> list[int]:
+def registered_slots(words: Words) -> list[int]:
     """The indexes of the slots that hold a registered worker."""
-    return [index for index in range(view.slots) if view.consistent_slot(index).registered]
+    return [index for index in range(words.slots)
+            if words[slot_at(index) + S.STATE] == SlotState.REGISTERED]
 
 
-def wait_beats(view: StateView, indexes: list[int], timeout: float = 30.0) -> None:
+def heartbeat(words: Words, index: int) -> int:
+    """The heartbeat stamp of slot ``index``: one word, read as a sweep reads it."""
+    return words[slot_at(index) + S.HEARTBEAT]
+
+
+def wait_beats(words: Words, indexes: list[int], timeout: float = 30.0) -> None:
     """Wait until the worker in each slot has beaten at least once more."""
-    stamps = {index: view.consistent_slot(index).heartbeat for index in indexes}
-    wait_for(lambda: all(view.consistent_slot(index).heartbeat != stamp
-                         for index, stamp in stamps.items()),
+    stamps = {index: heartbeat(words, index) for index in indexes}
+    wait_for(lambda: all(heartbeat(words, index) != stamp for index, stamp in stamps.items()),
              f"a heartbeat in each of slots {indexes}", timeout)

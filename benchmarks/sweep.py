@@ -3,7 +3,7 @@
 First, in this process: a state file of 1,024 (and of 256) registered slots, and
 ``Worker.beat``, the very code the heartbeat thread runs, timed once with a
 sweep due and once without. Then a real Gunicorn with 16 workers beating every
-50 ms: this process samples the header's last-sweep stamp and every slot's
+50 ms: this process samples the header's sweep deadline and every slot's
 heartbeat about once a millisecond, and counts sweeps and beats per interval.
 """
 
@@ -11,20 +11,19 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 import time
 from pathlib import Path
 
-from gunicorn_lifecycle.layout import StateView
-from gunicorn_lifecycle.lock import Lock
+from gunicorn_lifecycle.layout import H, SlotState
 from gunicorn_lifecycle.master import Master
 from gunicorn_lifecycle.options import Options
-from gunicorn_lifecycle.statefile import lock_path, open_for_server
-from gunicorn_lifecycle.tracker import Tracker
+from gunicorn_lifecycle.protocol import Words
+from gunicorn_lifecycle.statefile import open_for_server
+from gunicorn_lifecycle.transaction import Transactions
 from gunicorn_lifecycle.worker import Worker
 
 from .report import Budget, Row, Table, median
-from .server import Gunicorn, plugin_hooks, registered_slots, state_view
+from .server import Gunicorn, heartbeat, plugin_hooks, registered_slots, state_words
 
 SLOTS, FEWER_SLOTS = 1024, 256
 WORKERS = 16
@@ -73,30 +72,30 @@ def _registered_worker(workdir: Path, slots: int) -> Worker:
     """A state file with every slot registered, and a Worker that owns the first slot."""
     path = str(workdir / f"in-process-{slots}.state")
     options = Options(state_file=path, slots=slots, interval=10.0, failed=FAILED)
-    lock = Lock(lock_path(path))
-    state = open_for_server(path, lock, options, owner=(os.geteuid(), os.getegid()))
-    tracker = Tracker(state, lock, logging.getLogger(__name__))
-    master = Master(tracker, server=None, parent_pid=0)
+    transactions = Transactions(open_for_server(path, slots), logging.getLogger(__name__))
+    master = Master(transactions, server=None, parent_pid=0)
     master.start(options)
-    worker = Worker(tracker, master.current, options, server=None, worker=None)
-    with tracker.transaction("worker_start", options.lock_timeout) as tx:
-        indexes = [tx.register(master.current, worker.pid, worker.started, options.overrun)
-                   for _ in range(slots)]
-    if None in indexes:
+    worker = Worker(transactions, master.current, options, server=None, worker=None)
+    worker.start()
+    with transactions.bookkeeping("register", options.lock_timeout) as state:
+        for index in range(1, slots):
+            state.register(index, state.take_token(), master.current, worker.pid,
+                           worker.started, time.monotonic_ns(), 0)
+    if len(state.slots_in(SlotState.REGISTERED)) != slots:
         raise RuntimeError(f"could not register {slots} slots in {path}")
-    worker.index = indexes[0]
     return worker
 
 
 def _beat_time(worker: Worker, sweep: bool) -> float:
     """Seconds one ``Worker.beat`` takes, with a sweep due or not."""
-    view = worker.tracker.view
-    last = 0 if sweep else time.monotonic_ns()
-    view.set_last_sweep(last)
+    words = worker.tx.state.words
+    due = 0 if sweep else time.monotonic_ns() + 10**12
+    words[H.NEXT_SWEEP] = due
+    worker._last = time.monotonic_ns()  # a beat on time: it may sweep
     started = time.perf_counter_ns()
     worker.beat()
     elapsed = time.perf_counter_ns() - started
-    if (view.last_sweep() != last) != sweep:
+    if (words[H.NEXT_SWEEP] != due) != sweep:
         raise RuntimeError(f"the beat {'did not sweep' if sweep else 'swept'}")
     return elapsed / 1e9
 
@@ -107,11 +106,11 @@ def _sweeps_and_beats(directory: Path, seconds: float) -> tuple[float, float, fl
     hooks = plugin_hooks(state_file, interval=INTERVAL, failed=FAILED)
     with Gunicorn(directory, workers=WORKERS, hooks=hooks) as server:
         server.ready()
-        view = state_view(state_file)
-        indexes = registered_slots(view)
+        words = state_words(state_file)
+        indexes = registered_slots(words)
         if len(indexes) != WORKERS:
             raise RuntimeError(f"{len(indexes)} registered slots, not {WORKERS}")
-        sweeps, beats, elapsed = _sample(view, indexes, seconds)
+        sweeps, beats, elapsed = _sample(words, indexes, seconds)
     if len(sweeps) < 2:
         raise RuntimeError(f"saw {len(sweeps)} sweeps in {elapsed:.1f} s")
     intervals = elapsed / INTERVAL
@@ -119,18 +118,18 @@ def _sweeps_and_beats(directory: Path, seconds: float) -> tuple[float, float, fl
     return (len(sweeps) - 1) / intervals, beats / intervals, gap
 
 
-def _sample(view: StateView, indexes: list[int],
+def _sample(words: Words, indexes: list[int],
             seconds: float) -> tuple[list[int], int, float]:
-    """Every distinct last-sweep stamp seen, how many beats were seen, and for how long."""
-    sweeps = [view.last_sweep()]
-    stamps = [view.consistent_slot(index).heartbeat for index in indexes]
+    """Every distinct sweep deadline seen, how many beats were seen, and for how long."""
+    sweeps = [words[H.NEXT_SWEEP]]
+    stamps = [heartbeat(words, index) for index in indexes]
     beats = 0
     started = time.monotonic()
     while time.monotonic() - started < seconds:
-        if (last := view.last_sweep()) != sweeps[-1]:
+        if (last := words[H.NEXT_SWEEP]) != sweeps[-1]:
             sweeps.append(last)
         for n, index in enumerate(indexes):
-            if (stamp := view.consistent_slot(index).heartbeat) != stamps[n]:
+            if (stamp := heartbeat(words, index)) != stamps[n]:
                 stamps[n] = stamp
                 beats += 1
         time.sleep(0.001)  # the sampling period, not a wait for anything

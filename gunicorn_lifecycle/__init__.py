@@ -1,8 +1,8 @@
 """Know whether Gunicorn is starting, reloading, upgrading or stopping.
 
-Wire :func:`configure` and the seven hooks into ``gunicorn.conf.py``; every
-callback then gets one :class:`Event`, run once, under one lock shared by all
-masters and workers of the instance.
+Wire :func:`configure` and the hooks into ``gunicorn.conf.py``; every callback
+then gets one :class:`Event`, run once, with no two callbacks of the instance
+running at once.
 """
 
 from .errors import LifecycleError
@@ -15,10 +15,11 @@ from .hooks import (
     on_starting,
     post_fork,
     post_worker_init,
+    worker_abort,
     worker_exit,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "Event",
@@ -31,5 +32,6 @@ __all__ = [
     "on_starting",
     "post_fork",
     "post_worker_init",
+    "worker_abort",
     "worker_exit",
 ]

@@ -44,17 +44,21 @@ def render(report: dict[str, Any]) -> str:
     lines = [f"state file: {report['state_file']}"]
     workers = late = 0
     for gen in report["generations"]:
-        state = "closing" if gen["closing"] else "open"
-        master = "" if gen["master_alive"] else " (master gone)"
+        state = (f"closed ({gen['closed']})" if gen["closed"] else
+                 "closing" if gen["closing"] else "open")
+        master = "" if gen["master_alive"] is not False else " (master gone)"
         lines += ["", f"generation {gen['generation']}  master {gen['master_pid']}{master}  "
                       f"reason {gen['reason']}  {state}",
                   f"  {'pid':>8}  {'id':<16}  {'booted':<6}  heartbeat"]
         for w in gen["workers"]:
-            flag = "  LATE" if w["late"] else ""
+            flag = f"  LOST ({w['lost']})" if w["lost"] else "  LATE" if w["late"] else ""
             lines.append(f"  {w['pid']:>8}  {w['id']:<16}  {'yes' if w['booted'] else 'no':<6}  "
                          f"{w['heartbeat_age']:.1f}s{flag}")
-            workers += 1
+            workers += not w["lost"]
             late += w["late"]
+    if report["unknown"]:
+        lines += ["", f"unknown (being written, or left half-written): "
+                      f"{', '.join(report['unknown'])}"]
     lines += ["", f"total: {len(report['generations'])} generations, {workers} workers, "
                   f"{late} late"]
     return "\n".join(lines)

@@ -3,7 +3,8 @@
 Each hook translates what Gunicorn hands it (the arbiter, a worker) into the
 master's or the worker's side of the lifecycle. A hook never takes the server
 down for a fault of ours: only a refused state file at start, and a user
-callback under ``on_error="raise"``, reach Gunicorn.
+callback under ``on_error="raise"``, reach Gunicorn. A state file found damaged
+while in use turns the lifecycle off in that process, which goes on serving.
 """
 
 from __future__ import annotations
@@ -13,30 +14,32 @@ import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from types import FrameType
 from typing import Any
 
 from .errors import LifecycleError
-from .lock import Lock, LockTimeout
+from .events import CallbackFailed
+from .lock import LockTimeout
 from .master import Master
-from .options import Callback, OnError, Options
-from .statefile import default_path, lock_path, make_private_directory, open_for_server
-from .tracker import CallbackFailed, Tracker
+from .options import Callbacks, OnError, Options
+from .statefile import default_path, make_default_directory, open_for_server
+from .transaction import Transactions
 from .worker import Worker
 
 HOOKS = ("on_starting", "on_reload", "post_fork", "post_worker_init", "worker_exit",
-         "child_exit", "on_exit")
-# The signals Gunicorn's masters and workers handle: held back during a transaction.
-GUNICORN_SIGNALS = frozenset({
-    signal.SIGHUP, signal.SIGQUIT, signal.SIGINT, signal.SIGTERM, signal.SIGTTIN,
-    signal.SIGTTOU, signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH, signal.SIGCHLD,
-    signal.SIGABRT})
+         "worker_abort", "child_exit", "on_exit")
+# Gunicorn executes its config file as a module of this name.
+_CONFIG_MODULE = "__config__"
 
 
 class _Process:
     """What this process knows: the latest options, and its role once it has one."""
 
     configured: Options | None = None
+    loading: dict[str, Any] | None = None  # the namespace of the config that configured last
+    call_site = ""
     starting_failed = False
+    off = False  # the state file was found damaged: the lifecycle is off here
     master: Master | None = None
     worker: Worker | None = None
 
@@ -46,11 +49,11 @@ _here = _Process()
 
 def configure(
     *,
-    master_start: Callback | None = None,
-    master_exit: Callback | None = None,
-    worker_start: Callback | None = None,
-    worker_exit: Callback | None = None,
-    worker_lost: Callback | None = None,
+    master_start: Callbacks = None,
+    master_exit: Callbacks = None,
+    worker_start: Callbacks = None,
+    worker_exit: Callbacks = None,
+    worker_lost: Callbacks = None,
     state_file: str | os.PathLike[str] | None = None,
     interval: float = 10.0,
     failed: float = 5.0,
@@ -58,16 +61,38 @@ def configure(
     on_error: OnError = "log",
     slots: int = 256,
 ) -> None:
-    """Set the callbacks and options; call it from ``gunicorn.conf.py``.
+    """Set the callbacks and options; call it once from ``gunicorn.conf.py``.
 
-    Raises LifecycleError for a bad option. Calling it again (Gunicorn re-reads
-    its config on ``HUP``) sets what the generation opened by the reload uses.
+    Each callback option takes a callable or a list of them, run in order.
+    Raises LifecycleError for a bad option, or for a second call while the same
+    config is loaded (naming both). Gunicorn executes the config again on
+    ``HUP``: that call sets what the generation opened by the reload uses.
     """
-    _here.configured = Options(
-        master_start=master_start, master_exit=master_exit, worker_start=worker_start,
-        worker_exit=worker_exit, worker_lost=worker_lost,
-        state_file=state_file, interval=interval,
-        failed=failed, lock_timeout=lock_timeout, on_error=on_error, slots=slots)
+    caller = sys._getframe(1)
+    site = f"{caller.f_code.co_filename}:{caller.f_lineno}"
+    config = _config_namespace(caller)
+    if config is _here.loading:
+        raise LifecycleError(
+            f"configure() was called twice while one config was loaded, at {_here.call_site} "
+            f"and at {site}; call it once, and pass a list where callbacks should combine "
+            "(worker_exit=[first, second])")
+    options = Options.build(
+        {"master_start": master_start, "master_exit": master_exit,
+         "worker_start": worker_start, "worker_exit": worker_exit, "worker_lost": worker_lost},
+        state_file, os.path.dirname(os.path.abspath(config.get("__file__") or "x")),
+        interval, failed, lock_timeout, on_error, slots)
+    _here.configured, _here.loading, _here.call_site = options, config, site
+
+
+def _config_namespace(frame: FrameType) -> dict[str, Any]:
+    """The globals of the config file being executed: of Gunicorn's config module if
+    ``configure()`` was reached from it (through modules it imports too), else the caller's."""
+    found, outer = frame.f_globals, frame.f_back
+    while outer is not None:
+        if outer.f_globals.get("__name__") == _CONFIG_MODULE:
+            found = outer.f_globals
+        outer = outer.f_back
+    return found
 
 
 def state_path_for_config(config_file: str | None) -> str:
@@ -83,7 +108,7 @@ def state_path_for_config(config_file: str | None) -> str:
 
     config_file = config_file or get_default_config_file()
     cfg = Config()
-    _here.configured = None
+    _here.configured = _here.loading = None
     if config_file is not None:
         if not os.path.isfile(config_file):
             raise LifecycleError(f"config file {config_file} does not exist")
@@ -97,7 +122,7 @@ def state_path_for_config(config_file: str | None) -> str:
             raise LifecycleError(f"config file {config_file} failed to load: "
                                  f"{type(exc).__name__}: {exc}") from None
     options = _here.configured
-    return (options.state_path if options else None) or default_path(cfg.bind)
+    return (options.state_file if options else None) or default_path(cfg.bind)
 
 
 @contextmanager
@@ -111,10 +136,19 @@ def _guard(server: Any, hook: str) -> Iterator[None]:
         server.log.error("gunicorn_lifecycle: %s", exc)
         if hook == "on_starting":
             raise
+        _switch_off()
     except LockTimeout as exc:
         server.log.error("gunicorn_lifecycle: %s", exc)
     except Exception:
         server.log.exception("gunicorn_lifecycle: %s failed; the server carries on", hook)
+
+
+def _switch_off() -> None:
+    _here.off = True
+    _here.master = None
+    if _here.worker is not None:
+        _here.worker.heartbeat.stop()
+        _here.worker = None
 
 
 def _options(server: Any) -> Options:
@@ -140,15 +174,13 @@ def on_starting(server: Any) -> None:
     _here.starting_failed = True
     with _guard(server, "on_starting"):
         options = _options(server)
-        path = options.state_path or default_path(server.cfg.bind)
-        if options.state_path is None:
-            make_private_directory(os.path.dirname(path))
-        lock = Lock(lock_path(path))
-        state = open_for_server(path, lock, options, owner=(server.cfg.uid, server.cfg.gid))
+        path = options.state_file or default_path(server.cfg.bind)
+        if options.state_file is None:
+            make_default_directory(os.path.dirname(path))
+        state_file = open_for_server(path, options.slots)
         server.log.info("gunicorn_lifecycle: state file %s", path)
         _check_wiring(server)
-        tracker = Tracker(state, lock, server.log, GUNICORN_SIGNALS)
-        master = Master(tracker, server, server.master_pid)
+        master = Master(Transactions(state_file, server.log), server, server.master_pid)
         master.start(options)
         _here.master, _here.starting_failed = master, False
 
@@ -160,10 +192,10 @@ def on_reload(server: Any) -> None:
         return
     with _guard(server, "on_reload"):
         options = _options(server)
-        if options.state_path not in (None, master.tracker.state.path):
+        if options.state_file not in (None, master.tx.state.path):
             server.log.warning("gunicorn_lifecycle: state_file changed on reload; it takes "
                                "effect at the next start, %s stays in use",
-                               master.tracker.state.path)
+                               master.tx.state.path)
         master.reload(options)
 
 
@@ -171,7 +203,7 @@ def post_fork(server: Any, worker: Any) -> None:
     """In the new worker: register and run ``worker_start``."""
     master, _here.master = _here.master, None
     if master is None or not master.generations:
-        if not _here.starting_failed:
+        if not (_here.starting_failed or _here.off):
             server.log.error("gunicorn_lifecycle: post_fork ran but on_starting did not; wire "
                              "`on_starting = gunicorn_lifecycle.on_starting`")
         return  # else on_starting logged why it opened no generation
@@ -179,7 +211,8 @@ def post_fork(server: Any, worker: Any) -> None:
         if _here.configured is not master.options:
             server.log.error("gunicorn_lifecycle: the config was re-read but no new generation "
                              "was opened; wire `on_reload = gunicorn_lifecycle.on_reload`")
-        _here.worker = Worker(master.tracker, master.current, master.options, server, worker)
+        master.tx.after_fork()
+        _here.worker = Worker(master.tx, master.current, master.options, server, worker)
         _here.worker.start()
 
 
@@ -201,6 +234,12 @@ def _exit_through_python() -> None:
     for stop in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
         if signal.getsignal(stop) == signal.SIG_DFL:
             signal.signal(stop, lambda signum, frame: sys.exit(0))
+
+
+def worker_abort(worker: Any) -> None:
+    """Gunicorn aborts the worker for overrunning its ``timeout``: its exit is a loss."""
+    if _here.worker is not None:
+        _here.worker.aborted = True
 
 
 def worker_exit(server: Any, worker: Any) -> None:

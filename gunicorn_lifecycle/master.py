@@ -1,34 +1,51 @@
 """The master's side: generations open, supersede and close here.
 
-Only a master opens and closes generations; it remembers the options each of
-its open generations was opened with, because a ``HUP`` re-runs ``configure()``
-and the old generation keeps its own callbacks until it closes.
+Only a master opens generations, and it closes its own; it remembers the
+options each of its open generations was opened with, because a ``HUP`` re-runs
+``configure()`` and the old generation keeps its own callbacks until it closes.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from collections import Counter
 from typing import Any
 
 from .errors import LifecycleError
-from .layout import MASTER_REASONS, Generation, GenerationState
+from .layout import GenerationState, H, Reason, SlotState
+from .lifecycle import (
+    Here,
+    MasterStarted,
+    Owed,
+    close,
+    close_dead,
+    exit_reason,
+    lose,
+    retire_if_unused,
+)
 from .options import Options
-from .process import boot_id, is_alive, own_start_time
-from .tracker import Tracker, Transaction
+from .process import boot_id, own_start_time, pid_namespace
+from .state import Generation, State
+from .transaction import Transactions
 
 
 class Master:
     """A Gunicorn master and the generations it owns."""
 
-    def __init__(self, tracker: Tracker, server: Any, parent_pid: int) -> None:
-        self.tracker = tracker
+    def __init__(self, transactions: Transactions, server: Any, parent_pid: int) -> None:
+        self.tx = transactions
+        self.log = transactions.log
         self.server = server
         self.pid = os.getpid()
         self.started = own_start_time()
+        self.pidns = pid_namespace()
         self.parent_pid = parent_pid  # the USR2 parent (Gunicorn's GUNICORN_PID), else 0
+        self.parent_started = 0
+        self.depth = 0
         self.generations: dict[int, Options] = {}
         self.current = 0
+        self._refused = 0  # reloads of the current burst that found no free generation record
 
     @property
     def options(self) -> Options:
@@ -36,103 +53,142 @@ class Master:
 
     def start(self, options: Options) -> None:
         """Cold start, restart after a crash, or the new master of a USR2 upgrade."""
-        log = self.tracker.log
-        with self.tracker.transaction("master_start", options.lock_timeout) as tx:
-            tx.repair()
-            rebooted = tx.view.boot_id() != boot_id()
-            if rebooted:  # start times and monotonic stamps of another boot mean nothing
-                tx.view.set_boot_id(boot_id())
-                tx.view.set_last_sweep(0)
-            dead, parents = [], []
-            for index, record in tx.open_generations():
-                if rebooted or not is_alive(record.master_pid, record.master_started):
-                    dead.append(index)
-                elif record.master_pid == self.parent_pid:
-                    parents.append(index)
-                else:
-                    raise LifecycleError(
-                        f"state file {tx.view.path} is in use by the live Gunicorn master "
-                        f"{record.master_pid} (generation {record.generation}), which is not "
-                        "this master's USR2 parent; give each instance its own state_file")
-            for index in dead:
-                record = tx.view.locked_generation(index)
-                log.warning("gunicorn_lifecycle: closing generation %s of master %s, which died "
-                            "without on_exit", record.generation, record.master_pid)
-                tx.close(index, log)
-            reason = "upgrade" if parents else "restart" if dead else "start"
-            self._open(tx, reason, options)
+        self.tx.perform("master_start", lambda state: self._start(state, options),
+                        options.lock_timeout)
 
     def reload(self, options: Options) -> None:
         """HUP: a new generation in this master; the old one closes with its last worker."""
-        with self.tracker.transaction("master_start", options.lock_timeout) as tx:
-            found = tx.generation(self.current)
-            self._open(tx, "reload", options)
-            if found is not None:
-                index, record = found
-                tx.view.write_generation(index, record._replace(state=GenerationState.SUPERSEDED))
-            self._close_drained(tx)
+        self.tx.perform("master_start", lambda state: self._reload(state, options),
+                        options.lock_timeout)
 
     def reaped(self, pid: int, worker: Any) -> None:
-        """A worker of ours is gone: if it never deregistered, it is lost ("crash")."""
-        with self.tracker.transaction("worker_lost", self.options.lock_timeout) as tx:
-            for index, slot in tx.view.locked_slots():
-                if slot.registered and slot.pid == pid and slot.generation in self.generations:
-                    tx.lose(index, "crash", self.generations[slot.generation], self.server, worker)
-                    break
-            self._close_drained(tx)
+        """A worker of ours is gone: if it never deregistered, it is lost."""
+        self.tx.perform("reap", lambda state: self._reap(state, pid, worker),
+                        self.options.lock_timeout)
 
     def exit(self) -> None:
         """on_exit: close every generation this master still has open."""
-        with self.tracker.transaction("master_exit", self.options.lock_timeout) as tx:
-            for number in sorted(self.generations):
-                found = tx.generation(number)
-                if found is not None:
-                    self._close(tx, *found, self._exit_reason(tx, found[1]))
-            self.generations.clear()
+        self.tx.perform("master_exit", self._exit, self.options.lock_timeout)
 
-    def _open(self, tx: Transaction, reason: str, options: Options) -> None:
-        free = [i for i, record in tx.view.locked_generations() if not record.is_open]
-        if not free:
-            raise LifecycleError(f"state file {tx.view.path}: every generation record is open; "
+    def _start(self, state: State, options: Options) -> list[Owed]:
+        here = Here(state)
+        if not here.same_boot:  # start times, clocks and turns of another boot mean nothing
+            first, second = boot_id()
+            state.set_header(H.BOOT_ID, first)
+            state.set_header(H.BOOT_ID + 1, second)
+            state.set_header(H.NEXT_SWEEP, 0)
+            state.set_header(H.TURN_PID, 0)
+        dead, parents = [], []
+        for gen in state.generations():
+            if not gen.serving:
+                retire_if_unused(state, gen.number)
+                continue
+            alive = here.master_alive(gen)
+            if alive is None:
+                raise LifecycleError(
+                    f"state file {state.path} is in use by Gunicorn master {gen.master_pid} of "
+                    f"another pid namespace (pid:[{gen.pidns}]), which this one cannot see; if "
+                    "it is gone, remove the file, else give each instance its own state_file")
+            if not alive:
+                dead.append(gen)
+            elif gen.master_pid == self.parent_pid:
+                parents.append(gen)
+            else:
+                raise LifecycleError(
+                    f"state file {state.path} is in use by the live Gunicorn master "
+                    f"{gen.master_pid} (generation {gen.number}), which is not this master's "
+                    "USR2 parent; give each instance its own state_file")
+        owed: list[Owed] = []
+        for gen in dead:
+            owed += close_dead(state, gen, here, options, self.server, self.log)
+        if parents:
+            parent = max(parents, key=lambda g: g.lineage)
+            self.parent_started, self.depth = parent.master_started, parent.depth + 1
+            reason = Reason.UPGRADE
+        else:
+            self.parent_pid = 0
+            self.depth = max((g.depth + 1 for g in state.generations()), default=0)
+            reason = Reason.RESTART if dead or state.header(H.RESTART_DUE) else Reason.START
+        state.set_header(H.RESTART_DUE, 0)
+        return owed + self._open(state, reason, options)
+
+    def _reload(self, state: State, options: Options) -> list[Owed]:
+        current = state.generation(self.current)
+        if state.free_generation_index() is None:
+            self._refused += 1
+            if self._refused == 1:
+                self.log.error(
+                    "gunicorn_lifecycle: HUP: every generation record of %s is held by a "
+                    "generation whose workers have not all exited yet; generation %s goes on "
+                    "with its options until one drains. Send HUP less often than workers drain "
+                    "(graceful_timeout), or stop the workers that never exit",
+                    state.path, self.current)
+            return []
+        if self._refused:
+            self.log.warning("gunicorn_lifecycle: %s reloads found no free generation record "
+                             "and were folded into generation %s", self._refused, self.current)
+            self._refused = 0
+        owed = self._open(state, Reason.RELOAD, options)
+        if current is not None and current.state == GenerationState.OPEN:
+            state.set_generation(current.index, state=GenerationState.SUPERSEDED)
+        return owed + self._close_drained(state)
+
+    def _reap(self, state: State, pid: int, worker: Any) -> list[Owed]:
+        owed: list[Owed] = []
+        for slot in state.slots_in(SlotState.REGISTERED, SlotState.LOST):
+            if slot.pid != pid or slot.generation not in self.generations:
+                continue
+            if slot.state == SlotState.REGISTERED:
+                # Gunicorn marks a worker it aborted for overrunning its timeout.
+                reason = Reason.TIMEOUT if getattr(worker, "aborted", False) else Reason.CRASH
+                owed += lose(state, slot, reason, True, self.generations[slot.generation],
+                             self.server, worker)
+            elif not slot.counted:
+                state.release(slot.index)  # lost earlier (by heartbeat), and now dead
+            break
+        return owed + self._close_drained(state)
+
+    def _exit(self, state: State) -> list[Owed]:
+        here = Here(state)
+        owed: list[Owed] = []
+        for number in sorted(self.generations):
+            options = self.generations[number]
+            for slot in state.slots_in(SlotState.REGISTERED):
+                # Gunicorn gave up on it (killed at the end of graceful_timeout, never reaped).
+                if slot.generation == number:
+                    owed += lose(state, slot, Reason.CRASH, False, options, self.server)
+            gen = state.generation(number)
+            if gen is not None and gen.serving:
+                owed += self._close(state, gen, exit_reason(state, gen, here, master_alive=True))
+        self.generations.clear()
+        return owed
+
+    def _open(self, state: State, reason: Reason, options: Options) -> list[Owed]:
+        index = state.free_generation_index()
+        if index is None:
+            raise LifecycleError(f"state file {state.path}: every generation record is in use; "
                                  "stop the masters that still use it, or remove the file "
                                  "when none runs")
-        number = tx.view.next_generation()
-        tx.view.set_next_generation(number + 1)
-        tx.view.write_generation(free[0], Generation(
-            0, GenerationState.OPEN, MASTER_REASONS.index(reason), number, self.pid,
-            self.parent_pid, self.started, 0, time.time()))
+        number = state.take_generation_number()
+        state.open_generation(
+            index, number=number, opened=reason, closed=Reason.NONE, announced=0,
+            master_pid=self.pid, master_started=self.started, pidns=self.pidns,
+            parent_pid=self.parent_pid, parent_started=self.parent_started, depth=self.depth,
+            gone=0, opened_at=time.time_ns(), overrun=int(options.overrun * 1e9), closed_at=0)
         self.generations[number] = options
         self.current = number
-        tx.emit("master_start", options, number, self.pid, reason, worker_id=False,
-                server=self.server, worker=None)
+        return [MasterStarted(number, reason, options, self.server)]
 
-    def _close_drained(self, tx: Transaction) -> None:
+    def _close_drained(self, state: State) -> list[Owed]:
         """Close the generations a HUP superseded once their last worker is gone."""
+        registered = Counter(s.generation for s in state.slots_in(SlotState.REGISTERED))
+        owed: list[Owed] = []
         for number in sorted(self.generations):
-            found = tx.generation(number)
-            if found is None or found[1].state != GenerationState.SUPERSEDED:
-                continue
-            if tx.counts(number)[1] == 0:
-                self._close(tx, *found, "reload")
+            gen = state.generation(number)
+            if gen is not None and gen.state == GenerationState.SUPERSEDED and not registered[
+                    number]:
+                owed += self._close(state, gen, Reason.RELOAD)
+        return owed
 
-    def _close(self, tx: Transaction, index: int, record: Generation, reason: str) -> None:
-        number = record.generation
-        options = self.generations.pop(number)
-        for slot_index, slot in tx.view.locked_slots():
-            # Gunicorn never reaped it (say, killed at the end of graceful_timeout): lost.
-            if slot.registered and slot.generation == number:
-                tx.lose(slot_index, "crash", options, self.server, None)
-        tx.close(index, self.tracker.log)
-        tx.emit("master_exit", options, number, self.pid, reason, worker_id=False,
-                server=self.server, worker=None)
-
-    def _exit_reason(self, tx: Transaction, record: Generation) -> str:
-        if record.state == GenerationState.SUPERSEDED:
-            return "reload"
-        others = [g for _, g in tx.open_generations() if g.master_pid != self.pid
-                  and is_alive(g.master_pid, g.master_started)]
-        if any(g.generation > record.generation for g in others):
-            return "upgrade"
-        if self.parent_pid and any(g.master_pid == self.parent_pid for g in others):
-            return "rollback"
-        return "stop"
+    def _close(self, state: State, gen: Generation, reason: Reason) -> list[Owed]:
+        return close(state, gen, reason, self.generations.pop(gen.number), self.server)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 from .errors import LifecycleError
@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from .events import Event
 
 Callback = Callable[["Event"], object]
+Callbacks = Callback | Sequence[Callback] | None
 OnError = Literal["log", "raise"]
 CALLBACKS = ("master_start", "master_exit", "worker_start", "worker_exit", "worker_lost")
 
@@ -22,49 +23,55 @@ CALLBACKS = ("master_start", "master_exit", "worker_start", "worker_exit", "work
 class Options:
     """Callbacks and settings serving one generation."""
 
-    master_start: Callback | None = None
-    master_exit: Callback | None = None
-    worker_start: Callback | None = None
-    worker_exit: Callback | None = None
-    worker_lost: Callback | None = None
-    state_file: str | os.PathLike[str] | None = None
+    callback_lists: dict[str, tuple[Callback, ...]] = field(default_factory=dict)
+    state_file: str | None = None
     interval: float = 10.0
     failed: float = 5.0
     lock_timeout: float = 30.0
     on_error: OnError = "log"
     slots: int = 256
 
-    def __post_init__(self) -> None:
-        for name in CALLBACKS:
-            value = getattr(self, name)
-            if value is not None and not callable(value):
-                raise LifecycleError(f"{name} must be a callable taking one Event, or None; "
-                                     f"got {value!r}")
-        _number("interval", self.interval, "a number of seconds > 0", lambda v: v > 0)
-        _number("failed", self.failed, "a number of seconds >= 0", lambda v: v >= 0)
-        _number("lock_timeout", self.lock_timeout, "a number of seconds > 0", lambda v: v > 0)
-        if self.on_error not in ("log", "raise"):
-            raise LifecycleError(f'on_error must be "log" or "raise"; got {self.on_error!r}')
-        if isinstance(self.slots, bool) or not isinstance(self.slots, int) or not (
-            1 <= self.slots <= 65536
-        ):
-            raise LifecycleError(
-                f"slots must be a whole number from 1 to 65536; got {self.slots!r}")
-        if self.state_file is not None:
-            if not isinstance(self.state_file, str | os.PathLike) or not os.fspath(self.state_file):
-                raise LifecycleError("state_file must be a path (str or os.PathLike) or None "
-                                     f"for the default; got {self.state_file!r}")
-            object.__setattr__(self, "state_file", os.path.abspath(os.fspath(self.state_file)))
+    @classmethod
+    def build(cls, callbacks: dict[str, Callbacks], state_file: str | os.PathLike[str] | None,
+              base: str, interval: float, failed: float, lock_timeout: float,
+              on_error: OnError, slots: int) -> Options:
+        """Check every option; LifecycleError naming the first bad one and what would be right.
 
-    @property
-    def state_path(self) -> str | None:
-        """``state_file`` as an absolute path, or None for the default."""
-        return None if self.state_file is None else os.fspath(self.state_file)
+        A relative ``state_file`` is taken relative to ``base`` (the config file's
+        directory), so that Gunicorn's ``chdir`` or a ``USR2`` re-exec finds the same file.
+        """
+        lists = {name: _callables(name, value) for name, value in callbacks.items()}
+        _number("interval", interval, "a number of seconds > 0", lambda v: v > 0)
+        _number("failed", failed, "a number of seconds >= 0", lambda v: v >= 0)
+        _number("lock_timeout", lock_timeout, "a number of seconds > 0", lambda v: v > 0)
+        if on_error not in ("log", "raise"):
+            raise LifecycleError(f'on_error must be "log" or "raise"; got {on_error!r}')
+        if isinstance(slots, bool) or not isinstance(slots, int) or not 1 <= slots <= 65536:
+            raise LifecycleError(f"slots must be a whole number from 1 to 65536; got {slots!r}")
+        path = None
+        if state_file is not None:
+            if not isinstance(state_file, str | os.PathLike) or not os.fspath(state_file):
+                raise LifecycleError("state_file must be a path (str or os.PathLike) or None "
+                                     f"for the default; got {state_file!r}")
+            path = os.path.abspath(os.path.join(base, os.fspath(state_file)))
+        return cls(lists, path, interval, failed, lock_timeout, on_error, slots)
+
+    def callbacks(self, name: str) -> tuple[Callback, ...]:
+        return self.callback_lists.get(name, ())
 
     @property
     def overrun(self) -> float:
         """How old a heartbeat may get before its worker counts as lost."""
         return self.interval + self.failed
+
+
+def _callables(name: str, value: Callbacks) -> tuple[Callback, ...]:
+    found = () if value is None else tuple(value) if isinstance(value, list | tuple) else (value,)
+    for one in found:
+        if not callable(one):
+            raise LifecycleError(f"{name} must be a callable taking one Event, a list of them, "
+                                 f"or None; got {value!r}")
+    return found
 
 
 def _number(name: str, value: object, right: str, ok: Callable[[float], bool]) -> None:

@@ -1,7 +1,8 @@
-"""Liveness of a process, proven by its pid *and* its start time.
+"""Liveness of a process, proven by its pid *and* its start time, in its own pid namespace.
 
 A pid alone is not an identity: the kernel reuses it. The start time (field 22
-of ``/proc/<pid>/stat``, in clock ticks since boot) pins one incarnation.
+of ``/proc/<pid>/stat``, in clock ticks since boot) pins one incarnation. Both
+mean something only in the pid namespace and the boot they were read in.
 """
 
 from __future__ import annotations
@@ -40,7 +41,14 @@ def own_start_time() -> int:
     return started
 
 
-def boot_id() -> bytes:
-    """This boot's identity: pids, start times and monotonic clocks of another boot mean nothing."""
+def pid_namespace() -> int:
+    """This process's pid namespace (its inode): pids of another one cannot be judged here."""
+    return os.stat("/proc/self/ns/pid").st_ino
+
+
+def boot_id() -> tuple[int, int]:
+    """This boot's identity (two words): pids, start times, clocks of another boot mean nothing."""
     with open("/proc/sys/kernel/random/boot_id") as f:
-        return bytes.fromhex(f.read().strip().replace("-", ""))
+        raw = bytes.fromhex(f.read().strip().replace("-", ""))
+    return int.from_bytes(raw[:8], "little", signed=True), int.from_bytes(raw[8:], "little",
+                                                                           signed=True)

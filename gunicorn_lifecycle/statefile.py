@@ -1,67 +1,143 @@
-"""Finding, creating and safely opening the state file.
+"""Finding, creating, opening and checking the state file.
 
-The file lives in a shared directory (the temporary directory by default), so
-it is opened without following symbolic links, must be a regular file of ours,
-private, and of the exact layout; anything else is refused and left untouched.
+The file may lie in a shared directory, so it is opened without following
+symbolic links, must be a regular file of this user, writable by nobody else,
+and of the exact layout; anything else is refused and left untouched. A file
+that is only the beginning of a fresh one (a creation cut short by a crash or a
+full disk) is rebuilt: it holds nothing to lose.
+
+Each process keeps one read-only descriptor: the lock is taken through it, and
+its size is checked before the mapping is touched (a file truncated under a
+mapping would kill its reader with SIGBUS). Nobody keeps a writable descriptor:
+workers write through the mapping they inherit, and could not truncate the file
+even after Gunicorn drops their privileges.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import mmap
 import os
 import stat
+import sys
 import tempfile
 from collections.abc import Iterable
 
 from . import layout
 from .errors import LifecycleError
-from .lock import Lock
-from .options import Options
+from .protocol import Words
 
 _OPEN_FLAGS = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
-def default_path(bind: Iterable[str]) -> str:
-    """The same path for the same ``bind`` addresses and user, a different one otherwise.
+def default_directories() -> list[str]:
+    """Where instances keep their state by default, the preferred first.
 
-    It lies in a directory private to the user, so that no other local user can
-    make or replace the files in it.
+    systemd's ``RuntimeDirectory=`` (``$RUNTIME_DIRECTORY``), the user's
+    ``$XDG_RUNTIME_DIR``, or a private directory under the temporary directory.
+    """
+    found = []
+    if os.environ.get("RUNTIME_DIRECTORY"):
+        found.append(os.environ["RUNTIME_DIRECTORY"].split(":")[0])
+    if os.environ.get("XDG_RUNTIME_DIR"):
+        found.append(os.path.join(os.environ["XDG_RUNTIME_DIR"], "gunicorn-lifecycle"))
+    found.append(os.path.join(tempfile.gettempdir(), f"gunicorn-lifecycle-{os.geteuid()}"))
+    return found
+
+
+def default_path(bind: Iterable[str]) -> str:
+    """The same path for the same ``bind`` addresses, a different one otherwise.
+
+    The format version is part of the name: a server of another version of this
+    library never meets a file it cannot read.
     """
     digest = hashlib.sha256("\n".join(sorted(bind)).encode()).hexdigest()[:16]
-    directory = os.path.join(tempfile.gettempdir(), f"gunicorn-lifecycle-{os.geteuid()}")
-    return os.path.join(directory, f"{digest}.state")
+    return os.path.join(default_directories()[0], f"{digest}-v{layout.VERSION}.state")
 
 
-def make_private_directory(directory: str) -> None:
-    """Create the default state directory (0700), or check that an existing one is ours."""
+def make_default_directory(directory: str) -> None:
+    """Create a default state directory (0700), or check that nobody else can write into it."""
     try:
         os.mkdir(directory, 0o700)
     except FileExistsError:
-        info = os.lstat(directory)
-        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o077:
-            raise LifecycleError(
-                f"state directory {directory} is not a private directory of uid "
-                f"{os.geteuid()} (a link, another owner, or open to others); remove it, or "
-                "set state_file") from None
-
-
-def lock_path(path: str) -> str:
-    return path + ".lock"
+        pass
+    except OSError as exc:
+        raise LifecycleError(f"state directory {directory} cannot be created ({exc.strerror}); "
+                             "create it, or set state_file") from None
+    info = os.lstat(directory)
+    if (not stat.S_ISDIR(info.st_mode) or info.st_uid not in (os.geteuid(), 0)
+            or info.st_mode & 0o022):
+        raise LifecycleError(
+            f"state directory {directory} is not a directory that only uid {os.geteuid()} can "
+            "write into (a link, another owner, or writable by others); remove it, or set "
+            "state_file")
 
 
 class StateFile:
-    """A mapped, validated state file."""
+    """A mapped, validated state file and this process's read-only descriptor of it."""
 
     def __init__(self, path: str, fd: int, writable: bool) -> None:
         self.path = path
-        size = os.fstat(fd).st_size
-        if size < layout.HEADER.size:  # an empty file cannot even be mapped
-            layout.check_header(b"", size, path)
-        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
-        self._map = mmap.mmap(fd, size, mmap.MAP_SHARED, prot)
-        self.view = layout.StateView(memoryview(self._map), path)
+        self.size = os.fstat(fd).st_size
+        if self.size < layout.HEADER_WORDS * layout.WORD:  # too short even to map
+            layout.check_header(b"", self.size, path)
+        self._map, self.fd = _map(path, fd, self.size, writable)
+        buf = memoryview(self._map)
+        self.slots = layout.check_header(buf, self.size, path)
+        self.words = Words(buf, self.slots, path)
+        self._header = self.words.view[: layout.H.SLOTS + 1].tolist()
+
+    def reopen(self) -> None:
+        """In a forked worker: a description of its own, of the very same file (for its lock),
+        under the same descriptor number."""
+        own = _reopen(self.fd)
+        os.dup2(own, self.fd, inheritable=False)
+        os.close(own)
+
+    def verify(self) -> None:
+        """Refuse to go on if the file changed under the mapping: its size, then its header."""
+        size = os.fstat(self.fd).st_size
+        if size != self.size:
+            change = "truncated" if size < self.size else "grown"
+            raise LifecycleError(f"state file {self.path} was {change} from {self.size} to {size} "
+                                 "bytes by another program "
+                                 "while in use; the lifecycle is off in this process until the "
+                                 "server restarts with an intact file")
+        if self.words.view[: layout.H.SLOTS + 1].tolist() != self._header:
+            raise LifecycleError(f"state file {self.path}: its header was overwritten by another "
+                                 "program while in use; the lifecycle is off in this process "
+                                 "until the server restarts with an intact file")
+
+
+def _reopen(fd: int) -> int:
+    """A new read-only open file description of the file ``fd`` is open on."""
+    return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+
+
+def _map(path: str, fd: int, size: int, writable: bool) -> tuple[mmap.mmap, int]:
+    """Map the file; return the mapping and this process's one, read-only, descriptor.
+
+    CPython's mmap keeps a duplicate of ``fd`` (always, before Python 3.13): a
+    writable one would outlive the privilege drop in every worker. That number
+    is made to refer to a read-only description instead, and serves as ours.
+    """
+    prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+    if sys.version_info >= (3, 13):
+        return mmap.mmap(fd, size, mmap.MAP_SHARED, prot, trackfd=False), _reopen(fd)
+    mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, prot)
+    target = os.fstat(fd)
+    for name in os.listdir("/proc/self/fd"):
+        kept = int(name)
+        with contextlib.suppress(OSError):
+            info = os.fstat(kept)
+            if kept != fd and (info.st_dev, info.st_ino) == (target.st_dev, target.st_ino):
+                own = _reopen(fd)
+                os.dup2(own, kept, inheritable=False)
+                os.close(own)
+                return mapping, kept
+    raise LifecycleError(f"state file {path}: the descriptor of its mapping was not found")
 
 
 def check_directory(path: str) -> None:
@@ -75,25 +151,27 @@ def check_directory(path: str) -> None:
                              f"uid {os.geteuid()}; make it writable or choose another state_file")
 
 
-def open_for_server(path: str, lock: Lock, options: Options, owner: tuple[int, int]) -> StateFile:
-    """Open the state file read-write, creating it (mode 0600) if it does not exist.
-
-    ``owner`` is the (uid, gid) of Gunicorn's workers: new files are handed to them.
-    """
+def open_for_server(path: str, slots: int) -> StateFile:
+    """Open the state file for a master, creating (mode 0600) or rebuilding it as needed."""
     check_directory(path)
-    lock.open(owner)
-    with lock.hold(options.lock_timeout, "on_starting"):
+    for _ in range(3):  # a file rebuilt or created by a racing master is opened again
         try:
             fd = os.open(path, os.O_RDWR | _OPEN_FLAGS)
         except FileNotFoundError:
-            fd = _create(path, options.slots, owner)
+            _install(path, slots, replace=False)
+            continue
         except OSError as exc:
             raise _refusal(path, exc) from None
         try:
-            _check_file(path, fd, owners={os.geteuid(), owner[0]})
+            _check_file(path, fd, owned=True)
+            if _cut_short(fd):
+                _install(path, slots, replace=True)
+                continue
             return StateFile(path, fd, writable=True)
         finally:
             os.close(fd)
+    raise LifecycleError(f"state file {path} keeps changing while it is opened; make sure one "
+                         "instance uses it, or choose another state_file")
 
 
 def open_for_reading(path: str) -> StateFile:
@@ -106,14 +184,19 @@ def open_for_reading(path: str) -> StateFile:
     except OSError as exc:
         raise _refusal(path, exc) from None
     try:
-        _check_file(path, fd, owners=None)
+        _check_file(path, fd, owned=False)
         return StateFile(path, fd, writable=False)
     finally:
         os.close(fd)
 
 
-def _create(path: str, slots: int, owner: tuple[int, int]) -> int:
-    """Write the new file under a temporary name and link it in: never half-made at ``path``."""
+def _cut_short(fd: int) -> bool:
+    size = os.fstat(fd).st_size
+    return size < layout.file_size(65536) and layout.is_cut_short(os.pread(fd, size, 0))
+
+
+def _install(path: str, slots: int, replace: bool) -> None:
+    """Write a fresh file under a temporary name and move it in: never half-made at ``path``."""
     temporary = f"{path}.{os.getpid()}.new"
     try:
         fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL | _OPEN_FLAGS, 0o600)
@@ -121,30 +204,35 @@ def _create(path: str, slots: int, owner: tuple[int, int]) -> int:
         raise _refusal(temporary, exc) from None
     try:
         os.fchmod(fd, 0o600)  # whatever the umask
-        os.write(fd, layout.new_file(slots))
-        if owner != (os.geteuid(), os.getegid()):
-            os.fchown(fd, *owner)
-        os.link(temporary, path)
-    except BaseException:
-        os.close(fd)
-        raise
+        data = layout.new_file(slots)
+        if os.write(fd, data) != len(data):
+            raise LifecycleError(f"state file {path} could not be written whole (is the disk "
+                                 "full?); free some space or choose another state_file")
+        if replace:
+            os.rename(temporary, path)
+        else:
+            with contextlib.suppress(FileExistsError):  # another master made it: opened next
+                os.link(temporary, path)
+    except OSError as exc:
+        raise _refusal(path, exc) from None
     finally:
-        os.unlink(temporary)
-    return fd
+        os.close(fd)
+        with contextlib.suppress(FileNotFoundError):  # moved in by rename, or linked
+            os.unlink(temporary)
 
 
-def _check_file(path: str, fd: int, owners: set[int] | None) -> None:
+def _check_file(path: str, fd: int, owned: bool) -> None:
     info = os.fstat(fd)
     if stat.S_ISDIR(info.st_mode):
         raise _refusal(path, OSError(errno.EISDIR, os.strerror(errno.EISDIR)))
     if not stat.S_ISREG(info.st_mode):
         raise LifecycleError(f"state file {path} is not a regular file; remove it "
                              "or choose another state_file")
-    if owners is not None and info.st_uid not in owners:
+    if owned and info.st_uid != os.geteuid():
         raise LifecycleError(f"state file {path} is owned by uid {info.st_uid}, not by this "
-                             f"server (uid {sorted(owners)}); remove it if it is stale, "
+                             f"server (uid {os.geteuid()}); remove it if it is stale, "
                              "or choose another state_file")
-    if owners is not None and info.st_mode & 0o022:
+    if owned and info.st_mode & 0o022:
         raise LifecycleError(f"state file {path} is writable by group or others (mode "
                              f"{stat.S_IMODE(info.st_mode):o}); run chmod 600 {path} "
                              "if you trust its contents, or remove it")

@@ -1,8 +1,9 @@
 """A lock-free snapshot of the state, for the status command and monitoring.
 
-It reads record by record with the sequence check of :mod:`layout`, so it never
-shows a half-written record, and it takes no lock a server could wait on.
-Every field is checked, since the file may be damaged or not ours.
+It copies each record with the sequence check of :mod:`protocol`, so it never
+shows a half-written record (one it cannot copy whole is listed as unknown),
+and it takes no lock a server could wait on. Every field is checked, since the
+file may be damaged or not ours.
 """
 
 from __future__ import annotations
@@ -11,58 +12,75 @@ import time
 from typing import Any
 
 from .errors import LifecycleError
-from .layout import GENERATIONS, MASTER_REASONS, GenerationState, SlotState, StateView
-from .process import is_alive
+from .layout import (
+    GENERATION_WORDS,
+    GENERATIONS,
+    SLOT_WORDS,
+    GenerationState,
+    Reason,
+    SlotState,
+    generation_at,
+    slot_at,
+)
+from .lifecycle import Here
+from .protocol import Words
+from .state import State, decode_generation, decode_slot
 from .statefile import open_for_reading
 
 
 def read_status(path: str) -> dict[str, Any]:
     """The SPEC's status object for the state file at ``path``."""
-    return snapshot(open_for_reading(path).view)
+    return snapshot(open_for_reading(path).words)
 
 
-def snapshot(view: StateView) -> dict[str, Any]:
-    """Open generations with their workers; LifecycleError if a record is corrupt."""
+def snapshot(words: Words) -> dict[str, Any]:
+    """Generations in use with their workers; LifecycleError if a record is corrupt."""
     now = time.monotonic_ns()
+    here = Here(State(words))
     generations: dict[int, dict[str, Any]] = {}
+    overruns: dict[int, int] = {}
+    unknown = []
     for index in range(GENERATIONS):
-        record = view.consistent_generation(index)
-        if record.state not in tuple(GenerationState) or record.reason >= len(MASTER_REASONS) or (
-            record.is_open and record.reason == 0
-        ):
-            raise _corrupt(view, f"generation record {index}")
-        if record.is_open:
-            if record.generation in generations:
-                raise _corrupt(view, f"generation {record.generation} (twice)")
-            generations[record.generation] = {
-                "generation": record.generation,
-                "master_pid": record.master_pid,
-                "parent_pid": record.parent_pid,
-                "opened_at": record.opened_at,
-                "reason": MASTER_REASONS[record.reason],
-                "open": True,
-                "closing": record.state == GenerationState.SUPERSEDED,
-                "master_alive": is_alive(record.master_pid, record.master_started),
-                "workers": [],
-            }
-    for index in range(view.slots):
-        slot = view.consistent_slot(index)
-        if slot.state not in tuple(SlotState) or slot.booted not in (0, 1):
-            raise _corrupt(view, f"worker slot {index}")
-        if slot.registered and slot.generation in generations:
-            age = (now - slot.heartbeat) / 1e9
-            generations[slot.generation]["workers"].append({
-                "pid": slot.pid,
-                "id": f"{slot.generation}-{slot.pid}",
-                "booted": bool(slot.booted),
-                "heartbeat_age": round(age, 3),
-                "late": age * 1e9 > slot.overrun,
-                "alive": is_alive(slot.pid, slot.started),
-            })
-    return {"state_file": view.path,
+        values = words.read(generation_at(index), GENERATION_WORDS)
+        if values is None:
+            unknown.append(f"generation record {index}")
+            continue
+        gen = decode_generation(index, values, words.path)
+        if gen.state == GenerationState.FREE:
+            continue
+        if gen.number in generations:
+            raise LifecycleError(f"state file {words.path}: generation {gen.number} is recorded "
+                                 "twice; stop the servers that use it and remove it")
+        overruns[gen.number] = gen.overrun
+        generations[gen.number] = {
+            "generation": gen.number,
+            "master_pid": gen.master_pid,
+            "parent_pid": gen.parent_pid,
+            "opened_at": gen.opened_at / 1e9,
+            "reason": gen.opened.text,
+            "open": gen.serving,
+            "closing": gen.state == GenerationState.SUPERSEDED,
+            "closed": None if gen.closed == Reason.NONE else gen.closed.text,
+            "master_alive": here.master_alive(gen),
+            "workers": [],
+        }
+    for index in range(words.slots):
+        values = words.read(slot_at(index), SLOT_WORDS)
+        if values is None:
+            unknown.append(f"worker slot {index}")
+            continue
+        slot = decode_slot(index, values, words.path)
+        if slot.state == SlotState.FREE or slot.generation not in generations:
+            continue
+        age = (now - slot.heartbeat) / 1e9
+        lost = slot.state == SlotState.LOST
+        generations[slot.generation]["workers"].append({
+            "pid": slot.pid,
+            "id": f"{slot.generation}-{slot.pid}",
+            "booted": slot.booted,
+            "heartbeat_age": round(age, 3),
+            "late": not lost and age * 1e9 > overruns[slot.generation],
+            "lost": slot.reason.text if lost else None,
+        })
+    return {"state_file": words.path, "unknown": unknown,
             "generations": [generations[number] for number in sorted(generations)]}
-
-
-def _corrupt(view: StateView, what: str) -> LifecycleError:
-    return LifecycleError(f"state file {view.path}: {what} is corrupt; stop the servers that "
-                          "use it and remove it")

@@ -1,26 +1,38 @@
-"""The worker's side: register, beat, sweep, deregister."""
+"""The worker's side: register, beat, sweep, come back, exit."""
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
 from typing import Any
 
 from .heartbeat import Heartbeat
-from .layout import Slot
+from .layout import Flag, H, Reason, S, SlotState, slot_at
+from .lifecycle import (
+    Here,
+    Owed,
+    WorkerExited,
+    WorkerStarted,
+    count_gone,
+    free_slot,
+    lose,
+    retire_if_unused,
+    sweep,
+)
 from .lock import LockTimeout
 from .options import Options
 from .process import own_start_time
-from .tracker import Tracker, Transaction
+from .state import Slot, State
+from .transaction import Courier, Transactions
 
 
 class Worker:
     """One Gunicorn worker, registered in one slot of its master's generation."""
 
-    def __init__(self, tracker: Tracker, generation: int, options: Options, server: Any,
-                 worker: Any) -> None:
-        self.tracker = tracker
+    def __init__(self, transactions: Transactions, generation: int, options: Options,
+                 server: Any, worker: Any) -> None:
+        self.tx = transactions
+        self.log = transactions.log
         self.generation = generation
         self.options = options
         self.server = server
@@ -28,112 +40,156 @@ class Worker:
         self.pid = os.getpid()
         self.started = own_start_time()
         self.index: int | None = None
-        self.heartbeat = Heartbeat(options.interval, self.beat, tracker.log, tracker.deferred)
+        self.token = 0
+        self.aborted = False  # Gunicorn's worker_abort ran: its exit is a loss ("timeout")
+        self.heartbeat = Heartbeat(options.interval, self.beat, self.log)
+        self.courier = Courier(transactions, self.log)
+        self._view = transactions.state.words.view
+        self._owner_at = self._heartbeat_at = 0
+        self._interval = int(options.interval * 1e9)
+        self._late = int((options.overrun + options.interval) * 1e9)
+        self._last = 0
+        self._untracked = False
 
     def start(self) -> None:
-        """post_fork: register, start beating, then tell ``worker_start``."""
-        with self.tracker.transaction("worker_start", self.options.lock_timeout) as tx:
-            found = tx.generation(self.generation)
-            if found is None:
-                self.tracker.log.error("gunicorn_lifecycle: worker %s belongs to generation %s, "
-                                       "which is not open; it serves untracked", self.pid,
-                                       self.generation)
-                return
-            if not self._register(tx):
-                return
-            self._emit(tx, "worker_start", "respawn" if found[1].gone else "spawn")
-        self.heartbeat.start()
+        """post_fork: register, start beating, then deliver ``worker_start``."""
+        with self.tx.bookkeeping("register", self.options.lock_timeout) as state:
+            owed = self._register(state)
+        if owed:
+            self.heartbeat.start()  # before a callback that may wait its turn
+            self.tx.deliver_all(owed)
 
     def booted(self) -> None:
-        """post_worker_init: the application is loaded."""
-        with self.tracker.transaction("booted", self.options.lock_timeout) as tx:
+        """post_worker_init: the application is loaded (only the flags word is written)."""
+        with self.tx.bookkeeping("booted", self.options.lock_timeout) as state:
             if self.index is not None:
-                slot = tx.view.locked_slot(self.index)
-                if self._is_mine(slot):
-                    tx.view.write_slot(self.index, slot._replace(booted=1))
+                slot = state.slot(self.index)
+                if slot.owner == self.token:
+                    state.set_flags(self.index, slot.flags | Flag.BOOTED)
 
     def exit(self) -> None:
-        """worker_exit: tell ``worker_exit`` (counting itself), then deregister."""
+        """worker_exit: deliver ``worker_exit`` (counting itself), then free the slot."""
         self.heartbeat.stop()
         if self.index is None:
             return  # never tracked: no slot was free, or the lock could not be had
-        with self.tracker.transaction("worker_exit", self.options.lock_timeout) as tx:
-            if not self._owns(tx.view.locked_slot, self.index):
-                self.tracker.log.info("gunicorn_lifecycle: worker %s exits after it was counted "
-                                      "as lost", self.pid)
-                return
-            assert self.index is not None
-            self._emit(tx, "worker_exit", "exit")  # counts itself: before it deregisters
-            tx.deregister(self.index)
-            self.index = None
+        with self.tx.bookkeeping("exit", self.options.lock_timeout) as state:
+            owed = self._leave(state)
+        try:
+            self.tx.deliver_all(owed)
+        finally:
+            with self.tx.bookkeeping("exit", self.options.lock_timeout) as state:
+                self._release(state)
 
     def beat(self) -> None:
-        """One heartbeat: stamp the own slot, and sweep the node when a sweep is due.
+        """One heartbeat: one clock read, one store of the stamp, one load of the sweep deadline.
 
-        It never waits for the lock: if the lock is busy, the sweep or the return
-        is left to a later beat, and the stamps go on meanwhile.
+        A slot taken away (a sweep found this worker late) brings it back. A beat
+        that itself came more than an overrun late (the machine or this process
+        was frozen) judges nobody: the others may have been frozen as well.
         """
-        view = self.tracker.view
-        try:
-            if not self._stamp():
-                self._register_again()
-            since = time.monotonic_ns() - view.last_sweep()
-            if not 0 <= since < self.options.interval * 1e9:  # < 0: a sweep of another boot
-                self._sweep()
-        except LockTimeout:
-            pass
+        view = self._view
+        now = time.monotonic_ns()
+        if view[self._owner_at] != self.token:
+            self._come_back()
+            return
+        view[self._heartbeat_at] = now
+        late = now - self._last > self._late
+        self._last = now
+        if now >= view[H.NEXT_SWEEP] and not late:
+            self._sweep()
 
-    def _stamp(self) -> bool:
-        """Write the own slot's heartbeat, if the slot is still ours."""
-        index = self.index
-        return index is not None and self.tracker.view.stamp(index, self.pid, self.started,
-                                                             time.monotonic_ns())
+    def _register(self, state: State) -> list[Owed]:
+        gen = state.generation(self.generation)
+        if gen is None or not gen.serving:
+            self.log.error("gunicorn_lifecycle: worker %s belongs to generation %s, which is not "
+                           "open; it serves untracked", self.pid, self.generation)
+            return []
+        index = free_slot(state, Here(state))
+        if index is None:
+            self.log.error("gunicorn_lifecycle: state file %s has no free slot for worker %s "
+                           "(all %s taken); it serves untracked. Remove the file while no "
+                           "server runs and raise `slots`", state.path, self.pid, state.slots)
+            return []
+        self._own(state, index, registered=False)
+        return [WorkerStarted(index, self.token, False, self.options, self.server, self.worker)]
+
+    def _own(self, state: State, index: int, registered: bool) -> None:
+        """Register in ``index``, or, ``registered``, take the own lost slot back."""
+        token, now = state.take_token(), time.monotonic_ns()
+        if registered:
+            state.reclaim(index, token, now)
+        else:
+            state.register(index, token, self.generation, self.pid, self.started, now, 0)
+        self.index, self.token, self._last = index, token, now
+        self._owner_at, self._heartbeat_at = slot_at(index) + S.OWNER, slot_at(index) + S.HEARTBEAT
 
     def _sweep(self) -> None:
-        """Drop every worker whose heartbeat overran; at most once per interval node-wide."""
-        with self.tracker.transaction("sweep", 0) as tx:
-            now = time.monotonic_ns()
-            since = now - tx.view.last_sweep()
-            if self.heartbeat.stopped or 0 <= since < self.options.interval * 1e9:
-                return
-            tx.view.set_last_sweep(now)
-            for index in tx.view.sweep_candidates():
-                slot = tx.view.locked_slot(index)
-                if slot.seq % 2:  # left half-written by a writer that died
-                    tx.view.write_slot(index, slot)
-                if slot.registered and now - slot.heartbeat > slot.overrun:
-                    tx.lose(index, "heartbeat", self.options, self.server, None)
-            tx.then(self._stamp)  # the callbacks may be slow: be fresh when others sweep
+        """At most once per interval node-wide, by whichever beat finds it due first."""
+        try:
+            with self.tx.bookkeeping("sweep", 0) as state:
+                now = time.monotonic_ns()
+                if now < state.header(H.NEXT_SWEEP):
+                    return
+                state.set_header(H.NEXT_SWEEP, now + self._interval)
+                owed = sweep(state, Here(state), self.options, self.server, self.log)
+        except LockTimeout:
+            return  # busy: a later beat sweeps
+        self.courier.send(owed)
 
-    def _register_again(self) -> None:
-        """A sweep took us for lost while we were only slow: come back, without callbacks."""
-        with self.tracker.transaction("register", 0) as tx:
-            if (self.heartbeat.stopped or self._owns(tx.view.locked_slot, self.index)
-                    or tx.generation(self.generation) is None):
-                return
-            self.tracker.log.warning("gunicorn_lifecycle: worker %s was counted as lost (its "
-                                     "heartbeat overran) but is alive; registered again",
-                                     self.pid)
-            self._register(tx)
+    def _come_back(self) -> None:
+        """A sweep took this worker for lost while it was only slow: register again."""
+        if self._untracked or self.heartbeat.stopped or self.index is None:
+            return
+        try:
+            with self.tx.bookkeeping("resume", 0) as state:
+                owed = self._resume(state, self.index)
+        except LockTimeout:
+            return  # busy: the next beat comes back
+        self.courier.send(owed)
 
-    def _register(self, tx: Transaction) -> bool:
-        self.index = tx.register(self.generation, self.pid, self.started, self.options.overrun)
-        if self.index is None:
-            self.tracker.log.error("gunicorn_lifecycle: state file %s has no free slot for "
-                                   "worker %s (all %s taken); it serves untracked. Remove the "
-                                   "file while no server runs and raise `slots`",
-                                   tx.view.path, self.pid, tx.view.slots)
-            return False
-        if self.worker is not None and getattr(self.worker, "booted", False):
-            tx.view.write_slot(self.index, tx.view.locked_slot(self.index)._replace(booted=1))
-        return True
+    def _resume(self, state: State, index: int) -> list[Owed]:
+        slot = state.slot(index)
+        gen = state.generation(slot.generation)
+        if (not self._is_mine(slot) or slot.state == SlotState.FREE or gen is None
+                or not gen.serving):
+            self._untracked = True
+            self.log.warning("gunicorn_lifecycle: worker %s was counted as lost while it was "
+                             "stopped, and its generation %s has closed since; it serves "
+                             "untracked", self.pid, self.generation)
+            return []
+        owed_loss = slot.state == SlotState.REGISTERED or slot.counted
+        self._own(state, index, registered=True)
+        if owed_loss:
+            return []  # the loss was never delivered (or cut short): it never happened
+        self.log.warning("gunicorn_lifecycle: worker %s was counted as lost (its heartbeat "
+                         "overran) but is alive; registered again", self.pid)
+        return [WorkerStarted(index, self.token, True, self.options, self.server, self.worker)]
 
-    def _owns(self, read: Callable[[int], Slot], index: int | None) -> bool:
-        return index is not None and self._is_mine(read(index))
+    def _leave(self, state: State) -> list[Owed]:
+        assert self.index is not None
+        slot = state.slot(self.index)
+        if not self._is_mine(slot) or slot.state == SlotState.FREE:
+            return []
+        if slot.state == SlotState.LOST and not slot.counted:
+            self.log.info("gunicorn_lifecycle: worker %s exits after it was counted as lost",
+                          self.pid)
+            return []
+        if slot.state == SlotState.LOST:  # found lost, but not yet told: it exits instead
+            self._own(state, self.index, registered=True)
+            slot = state.slot(self.index)
+        if self.aborted:
+            return lose(state, slot, Reason.TIMEOUT, False, self.options, self.server, self.worker)
+        return [WorkerExited(self.index, self.token, self.options, self.server, self.worker)]
+
+    def _release(self, state: State) -> None:
+        assert self.index is not None
+        slot = state.slot(self.index)
+        if self._is_mine(slot) and slot.state != SlotState.FREE:
+            if slot.state == SlotState.REGISTERED:
+                count_gone(state, slot.generation)
+            state.release(self.index)
+            retire_if_unused(state, slot.generation)  # the last orphan of a closed generation
+        self.index = None
 
     def _is_mine(self, slot: Slot) -> bool:
-        return slot.registered and slot.pid == self.pid and slot.started == self.started
-
-    def _emit(self, tx: Transaction, callback: str, reason: str) -> None:
-        tx.emit(callback, self.options, self.generation, self.pid, reason, worker_id=True,
-                server=self.server, worker=self.worker)
+        return (slot.pid, slot.started) == (self.pid, self.started)

@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 GUNICORN = str(Path(sys.executable).parent / "gunicorn")
 CALLBACKS = ("master_start", "master_exit", "worker_start", "worker_exit", "worker_lost")
 HOOKS = ("on_starting", "on_reload", "post_fork", "post_worker_init", "worker_exit",
-         "child_exit", "on_exit")
+         "worker_abort", "child_exit", "on_exit")
 
 CONF = '''\
 import json, os, time
@@ -57,12 +57,11 @@ def _record(name):
             raise RuntimeError("callback %s raised on purpose" % name)
     return callback
 
-gunicorn_lifecycle.configure(**{{**{{name: _record(name) for name in {callbacks!r}}},
-                                 **{options!r}}})
+{configure}
 
 bind = {bind!r}
 workers = {workers!r}
-control_socket_disable = True
+control_socket = {control!r}  # Gunicorn 25+'s control socket stays on, as users run it
 graceful_timeout = 10
 {settings}
 {hooks}
@@ -88,7 +87,7 @@ def booted(state_file: str, workers: int | None = None) -> bool:
     if not os.path.exists(state_file):
         return False
     generations = read_status(state_file)["generations"]
-    registered = [w for g in generations for w in g["workers"]]
+    registered = [w for g in generations for w in g["workers"] if not w["lost"]]
     if workers is not None and (len(generations), len(registered)) != (1, workers):
         return False
     return all(w["booted"] for w in registered)
@@ -99,8 +98,10 @@ class Server:
 
     def __init__(self, directory: Path, *, workers: int = 2, settings: str = "",
                  raising: tuple[str, ...] = (), block: dict[str, float] | None = None,
-                 hooks: tuple[str, ...] = HOOKS,
+                 hooks: tuple[str, ...] = HOOKS, record: bool = True,
                  **options: Any) -> None:
+        """``record``: configure() with a recording callback for every event (else the
+        ``settings`` call configure() themselves, as README's recipes do)."""
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
         self.record = directory / "events.jsonl"
@@ -111,21 +112,25 @@ class Server:
         options.setdefault("failed", 0.5)
         self.conf = directory / "gunicorn.conf.py"
         self.conf.write_text(CONF.format(
-            record=str(self.record), raising=raising, block=block or {}, callbacks=CALLBACKS,
-            options=options,
-            bind=f"unix:{self.sock}", workers=workers, settings=settings,
+            record=str(self.record), raising=raising, block=block or {},
+            configure=(f"gunicorn_lifecycle.configure(**{{**{{name: _record(name) for name in "
+                       f"{CALLBACKS!r}}}, **{options!r}}})" if record else ""),
+            bind=f"unix:{self.sock}", control=str(directory / "ctl.sock"), workers=workers,
+            settings=settings,
             hooks="\n".join(f"{h} = gunicorn_lifecycle.{h}" for h in hooks)))
         self.record.touch(mode=0o666)  # writable by workers that dropped privileges
         self.record.chmod(0o666)
         self.proc: subprocess.Popen[bytes] | None = None
         self.app = "example_app.app:app"
+        self.pythonpath = REPO  # where the app is imported from
 
     def start(self, wait_workers: int | None = None, prefix: tuple[str, ...] = (),
               env: dict[str, str] | None = None) -> Server:
         """Run Gunicorn (behind the ``prefix`` command, if any); wait for its first workers."""
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [*prefix, GUNICORN, "-c", str(self.conf), "--pythonpath", str(REPO), self.app],
+                [*prefix, GUNICORN, "-c", str(self.conf), "--pythonpath", str(self.pythonpath),
+                 self.app],
                 cwd=self.directory, stdout=log, stderr=subprocess.STDOUT,
                 env={**os.environ, **(env or {})}, start_new_session=True)
         if wait_workers:
@@ -236,44 +241,53 @@ def alive(pid: int) -> bool:
     return stat[stat.rfind(")") + 2] != "Z"
 
 
-def check_record(events: list[dict[str, Any]], closed: bool = True) -> None:
-    """Replay the record (written under the lock, so in lock order) and check every count.
+def check_record(events: list[dict[str, Any]], closed: bool = True,
+                 lineage: Callable[[int], Any] = lambda generation: generation) -> None:
+    """Replay the record (written in turn, so in delivery order) and check every count.
 
     Each event's n_prev, n_mine and n_next must equal what the events before it
-    imply; each generation gets exactly one master_start and at most one
-    master_exit; each worker exactly one worker_start and, when ``closed``,
-    exactly one of worker_exit or worker_lost.
+    imply, ``lineage`` ordering the generations; each generation gets exactly
+    one master_start and at most one master_exit (with no worker left, but for
+    a "crash": orphans keep counting, and their generation stays present until
+    they are gone); each worker one end (worker_exit or worker_lost) per start
+    (a resumed worker starts again), all ended when ``closed``.
     """
-    live: dict[int, int] = {}  # open generation -> live workers
-    started: dict[str, int] = {}
-    ended: dict[str, int] = {}
+    announced: set[int] = set()
+    closed_generations: set[int] = set()
+    live: dict[int, int] = {}  # generation -> counted workers
+    active: set[str] = set()  # workers started and not ended
     for n, e in enumerate(events):
         g, cb = e["generation"], e["cb"]
         where = f"event #{n} {e}"
         if cb == "master_start":
-            assert g not in live and e["id"] == str(g), where
+            assert g not in announced and g not in closed_generations and e["id"] == str(g), where
+            announced.add(g)
             live[g] = 0
-        assert g in live, f"{where}: generation {g} is not open"
+        assert g in announced or live.get(g), f"{where}: generation {g} is not present"
         if cb == "worker_start":
-            assert e["id"] == f"{g}-{e['pid']}" and e["id"] not in started, where
-            started[e["id"]] = n
+            assert e["id"] == f"{g}-{e['pid']}" and e["id"] not in active, where
+            assert (e["reason"] == "resume") == (e["id"] in {x["id"] for x in events[:n]}), where
+            active.add(e["id"])
             live[g] += 1
         expected_mine = live[g]
         if cb in ("worker_exit", "worker_lost"):
-            assert e["id"] in started and e["id"] not in ended, f"{where}: ended twice/unstarted"
-            ended[e["id"]] = n
+            assert e["id"] in active, f"{where}: ended twice, or never started"
+            active.remove(e["id"])
             live[g] -= 1
             if cb == "worker_lost":
                 expected_mine = live[g]
-        if cb.startswith("master"):
+        if cb == "master_start":
             expected_mine = 0
-        older = [k for k in live if k < g]
-        newer = [k for k in live if k > g]
+        present = [k for k in live if k in announced or live[k]]
+        older = [k for k in present if lineage(k) < lineage(g)]
+        newer = [k for k in present if lineage(k) > lineage(g)]
         assert e["n_mine"] == expected_mine, f"{where}: n_mine should be {expected_mine}"
-        assert e["n_prev"] == (live[max(older)] if older else None), f"{where}: n_prev"
-        assert e["n_next"] == (live[min(newer)] if newer else None), f"{where}: n_next"
+        assert e["n_prev"] == (live[max(older, key=lineage)] if older else None), f"{where}: n_prev"
+        assert e["n_next"] == (live[min(newer, key=lineage)] if newer else None), f"{where}: n_next"
         if cb == "master_exit":
-            assert live[g] == 0, f"{where}: generation closed with live workers"
-            del live[g]
+            assert g in announced, f"{where}: closed twice"
+            assert e["reason"] == "crash" or live[g] == 0, f"{where}: closed with live workers"
+            announced.remove(g)
+            closed_generations.add(g)
     if closed:
-        assert set(started) == set(ended), f"workers never ended: {set(started) - set(ended)}"
+        assert not active, f"workers never ended: {active}"

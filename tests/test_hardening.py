@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from states import add_generation, add_worker, fresh, header_word, state_of, write
 
 from gunicorn_lifecycle import layout
 from gunicorn_lifecycle.process import own_start_time, start_time
-from gunicorn_lifecycle.statefile import open_for_reading
 from gunicorn_lifecycle.status import read_status
-from harness import Server, check_record, wait_for
+from harness import REPO, Server, check_record, wait_for
 
 Make = Callable[..., Server]
 NOBODY = pwd.getpwnam("nobody")
@@ -30,17 +30,25 @@ def valid_file() -> bytes:
     return layout.new_file(8)
 
 
-def header(version: int = layout.VERSION, slots: int = 8) -> bytes:
-    return layout.HEADER.pack(layout.MAGIC, version, layout.GENERATIONS, slots, 1, 0, 0, 0, b"")
+def with_word(word: layout.H, value: int) -> bytes:
+    buf = fresh(8)
+    buf[word * 8 : word * 8 + 8] = value.to_bytes(8, "little")
+    return bytes(buf)
+
+
+def used_file() -> bytes:
+    buf = fresh(8)
+    add_generation(state_of(buf), 0, 5, master_pid=1, master_started=1)
+    return bytes(buf)
 
 
 BAD_CONTENTS = {
     "random bytes": (os.urandom(layout.file_size(8)), "wrong magic"),
-    "truncated": (valid_file()[:100], "need"),
-    "empty": (b"", "only 0 bytes"),
+    "truncated, with records": (used_file()[:1000], "need"),
     "wrong magic": (b"NOTOURS!" + valid_file()[8:], "wrong magic"),
-    "newer version": (header(version=2).ljust(layout.file_size(8), b"\0"), "format version 2"),
-    "wrong size": (valid_file() + b"\0" * layout.SLOT.size, "need"),
+    "older version": (with_word(layout.H.VERSION, 1), "format version 1"),
+    "newer version": (with_word(layout.H.VERSION, 3), "format version 3"),
+    "wrong size": (valid_file() + b"\0" * 64, "need"),
 }
 
 
@@ -65,6 +73,17 @@ def test_a_state_file_that_is_not_ours_is_refused_and_untouched(
     refused(server(state_file=str(path)), message)
     assert f"state file {path}" in server_log_of(tmp_path)
     assert path.read_bytes() == content
+
+
+@pytest.mark.parametrize("cut", [0, 1, 30, 300, layout.file_size(8) - 1])
+def test_a_creation_cut_short_is_rebuilt(server: Make, tmp_path: Path, cut: int) -> None:
+    path = tmp_path / "cut.state"
+    write(path, bytearray(valid_file()[:cut]))  # a crash or a full disk while it was made
+    s = server(workers=1, state_file=str(path)).start(wait_workers=1)
+    assert s.events("master_start")[0]["reason"] == "start"
+    assert path.stat().st_size == layout.file_size(256) and path.stat().st_mode & 0o777 == 0o600
+    s.stop()
+    check_record(s.events())
 
 
 def server_log_of(tmp_path: Path) -> str:
@@ -166,30 +185,44 @@ def test_capacity_exhausted_leaves_a_worker_untracked_and_counts_exact(server: M
 def test_a_callback_blocking_past_lock_timeout_names_the_holder(server: Make) -> None:
     s = server(workers=2, lock_timeout=1.0, block={"worker_start": 4.0}).start()
     holder = s.wait_count("worker_start", 1)[0]["pid"]
-    wait_for(lambda: "gave up on worker_start" in s.log_text(), "the lock timeout error")
-    line = next(x for x in s.log_text().splitlines() if "gave up on worker_start" in x)
-    assert f"is held by pid {holder} (worker_start)" in line and "after 1.0s" in line
+    wait_for(lambda: "gave up on the turn for worker_start" in s.log_text(), "the turn timeout")
+    line = next(x for x in s.log_text().splitlines() if "gave up on the turn" in x)
+    assert f"pid {holder} (worker_start) runs its callbacks" in line and "after 1.0s" in line
+    assert "no worker_start callback" in line
     wait_for(lambda: len(s.live_workers(s.pid)) == 2, "both workers running")
     assert s.request().startswith(b"HTTP/1.0 200")
-    (gen,) = wait_for(lambda: (g := read_status(s.state_file)["generations"])[0]["workers"][0][
-        "booted"] and g, "the blocked worker to boot once its callback returned")
-    assert [w["pid"] for w in gen["workers"]] == [holder], "the other one serves untracked"
+    s.wait_booted(workers=2)  # both registered: the bookkeeping never waited on the callback
     s.stop()
-    check_record(s.events())
+    assert len(s.events("worker_start")) == 1, "the other one started without a callback"
+    check_record(s.events())  # ...and so got no end event either
 
 
-def test_privilege_drop_hands_the_files_to_the_workers(shared_dir: Path) -> None:
+def readable_by_nobody(path: Path) -> bool:
+    return subprocess.run(["setpriv", "--reuid", "nobody", "--regid", "nogroup",
+                           "--clear-groups", "test", "-r", str(path)]).returncode == 0
+
+
+def test_privilege_drop_leaves_workers_no_way_to_truncate(shared_dir: Path) -> None:
+    # What a worker running as nobody imports after the drop lies in a world-readable
+    # directory: the checkout may be in a private one (a clone in `mktemp -d`).
+    app = shared_dir / "app"
+    shutil.copytree(REPO / "example_app", app / "example_app")
+    for path in (app, app / "example_app", app / "example_app" / "app.py"):
+        assert readable_by_nobody(path), f"{path} must be readable by nobody for this test"
     s = Server(shared_dir, workers=2, interval=0.2, failed=0.3,
                settings="user = 'nobody'\ngroup = 'nogroup'\ntimeout = 0")
+    s.pythonpath = app
     try:
         s.start(wait_workers=2)
-        for path in (s.state_file, s.state_file + ".lock"):
-            info = os.stat(path)
-            assert (info.st_uid, info.st_gid) == (NOBODY.pw_uid, NOBODY.pw_gid), path
-            assert info.st_mode & 0o777 == 0o600, path
+        info = os.stat(s.state_file)
+        assert (info.st_uid, info.st_mode & 0o777) == (os.geteuid(), 0o600), "the master's"
+        assert not os.path.exists(s.state_file + ".lock")
         workers = [e["pid"] for e in s.events("worker_start")]
         s.wait_booted()  # worker_start runs in post_fork, before Gunicorn drops privileges
-        assert all(os.stat(f"/proc/{pid}").st_uid == NOBODY.pw_uid for pid in workers)
+        for pid in workers:
+            assert os.stat(f"/proc/{pid}").st_uid == NOBODY.pw_uid
+            (fd,) = fds_to(pid, s.state_file)  # its own, for the lock: read-only
+            assert open_mode(pid, fd) == os.O_RDONLY, "no descriptor that could truncate it"
 
         def fresh_beats() -> bool:
             (gen,) = read_status(s.state_file)["generations"]
@@ -210,8 +243,14 @@ def test_privilege_drop_hands_the_files_to_the_workers(shared_dir: Path) -> None
         assert only_reason(s.events("master_exit")) == "stop"
         assert s.events("worker_exit"), "exits of the unprivileged workers"
         assert "Permission denied" not in s.log_text()
+        check_record(s.events())
     finally:
         s.kill_all()
+
+
+def open_mode(pid: int, fd: str) -> int:
+    flags = int(Path(f"/proc/{pid}/fdinfo/{fd}").read_text().split("flags:")[1].split()[0], 8)
+    return flags & os.O_ACCMODE
 
 
 def only_reason(events: list[dict[str, Any]]) -> str:
@@ -255,15 +294,11 @@ def test_churn_under_load_keeps_exact_counts(server: Make) -> None:
 
 def crafted_state(path: Path, master_pid: int, worker_pid: int) -> None:
     """A state whose records hold live pids with start times that are not theirs."""
-    buf = bytearray(valid_file())
-    view = layout.StateView(memoryview(buf), str(path))
-    view.set_next_generation(8)
-    view.write_generation(0, layout.Generation(
-        0, layout.GenerationState.OPEN, 1, 7, master_pid, 0, own_start_time() + 12345, 0, 0.0))
-    view.write_slot(0, layout.Slot(0, layout.SlotState.REGISTERED, 1, 7, worker_pid,
-                                   own_start_time() + 12345, 0, 10**9))
-    path.write_bytes(bytes(buf))
-    path.chmod(0o600)
+    buf = fresh(8)
+    state = state_of(buf)
+    add_generation(state, 0, 7, master_pid=master_pid, master_started=own_start_time() + 12345)
+    add_worker(state, 0, 7, worker_pid, own_start_time() + 12345)
+    write(path, buf)
 
 
 def test_a_reused_pid_is_not_a_live_master_or_worker(server: Make, tmp_path: Path) -> None:
@@ -272,10 +307,10 @@ def test_a_reused_pid_is_not_a_live_master_or_worker(server: Make, tmp_path: Pat
         path = tmp_path / "reused.state"
         crafted_state(path, master_pid=unrelated.pid, worker_pid=os.getpid())
         (gen,) = read_status(str(path))["generations"]
-        assert not gen["master_alive"] and not gen["workers"][0]["alive"]
+        assert gen["master_alive"] is False
         s = server(workers=1, state_file=str(path)).start(wait_workers=1)
         start = s.events("master_start")[0]
-        assert start["reason"] == "restart" and start["generation"] == 8
+        assert start["reason"] == "restart" and start["generation"] == 8 and start["n_prev"] is None
         assert [g["generation"] for g in read_status(str(path))["generations"]] == [8]
         s.stop()
         assert unrelated.poll() is None, "the unrelated process was left alone"
@@ -300,13 +335,13 @@ def fds_to(pid: int, path: str) -> list[str]:
 
 def test_usr2_reexec_leaks_no_descriptor(server: Make) -> None:
     s = server(workers=1).start(wait_workers=1)
-    (own,) = fds_to(s.pid, s.state_file)  # the mapping's own descriptor
+    (own,) = fds_to(s.pid, s.state_file)  # the one descriptor, for the lock and size checks
     flags = int(Path(f"/proc/{s.pid}/fdinfo/{own}").read_text().split("flags:")[1].split()[0], 8)
     assert flags & 0o2000000, "close-on-exec"
+    assert open_mode(s.pid, own) == os.O_RDONLY
     s.signal(signal.SIGUSR2)
     new_master = s.wait_count("master_start", 1, reason="upgrade")[0]["in_pid"]
-    assert len(fds_to(new_master, s.state_file)) == 1, "its own mapping, nothing inherited"
-    assert len(fds_to(new_master, s.state_file + ".lock")) == 1, "its own lock descriptor"
+    assert len(fds_to(new_master, s.state_file)) == 1, "its own descriptor, nothing inherited"
     s.signal(signal.SIGTERM, new_master)
     s.wait_exit(new_master)
     s.stop()
@@ -316,12 +351,12 @@ def test_a_slow_worker_lost_callback_makes_no_false_losses(server: Make) -> None
     s = server(workers=3, interval=0.2, failed=0.3, block={"worker_lost": 3.0})
     s.start(wait_workers=3)
     victim = s.events("worker_start")[0]["pid"]
-    os.kill(victim, signal.SIGKILL)  # the master's worker_lost callback holds the lock for 3 s
-    s.wait_count("worker_start", 4)  # the respawn registers once the lock is free again
+    os.kill(victim, signal.SIGKILL)  # the master's worker_lost callback runs for 3 s
+    s.wait_count("worker_start", 4)  # the respawn's callback waits its turn
     sweeps: set[int] = set()
 
     def swept_again() -> bool:
-        sweeps.add(open_for_reading(s.state_file).view.last_sweep())
+        sweeps.add(header_word(s.state_file, layout.H.NEXT_SWEEP))
         return len(sweeps) >= 4
 
     wait_for(swept_again, "a few sweeps after the slow callback")
@@ -332,11 +367,11 @@ def test_a_slow_worker_lost_callback_makes_no_false_losses(server: Make) -> None
 
 def test_a_lock_timeout_at_start_is_logged_and_the_server_serves(server: Make) -> None:
     s = server(workers=1, lock_timeout=0.5)
-    Path(s.state_file + ".lock").touch(mode=0o600)
-    with open(s.state_file + ".lock", "rb") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    write(Path(s.state_file), fresh(256))
+    with open(s.state_file, "rb") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the lock is the state file's own
         s.start()
-        wait_for(lambda: "gave up on on_starting" in s.log_text(), "the lock timeout error")
+        wait_for(lambda: "gave up on master_start" in s.log_text(), "the lock timeout error")
         wait_for(lambda: s.request().startswith(b"HTTP/1.0 200"), "the server to serve")
     assert "wire `on_starting" not in s.log_text()
     s.stop()
@@ -347,21 +382,20 @@ def test_a_state_of_another_boot_is_a_restart(server: Make, tmp_path: Path) -> N
     live = subprocess.Popen(["sleep", "60"])
     try:
         path = tmp_path / "old-boot.state"
-        buf = bytearray(valid_file())
-        view = layout.StateView(memoryview(buf), str(path))
-        view.set_boot_id(b"another boot....")
+        buf = fresh(8)
+        state = state_of(buf)
+        state.set_header(layout.H.BOOT_ID, 12345)  # another boot's
         started = start_time(live.pid)
         assert started is not None
-        view.write_generation(0, layout.Generation(
-            0, layout.GenerationState.OPEN, 1, 1, live.pid, 0, started, 0, 0.0))
-        view.set_last_sweep(2**62)  # a monotonic stamp far ahead of this boot's clock
-        path.write_bytes(bytes(buf))
-        path.chmod(0o600)
+        add_generation(state, 0, 1, master_pid=live.pid, master_started=started)
+        state.set_header(layout.H.NEXT_SWEEP, 2**62)  # a monotonic stamp far ahead of this boot
+        write(path, buf)
         s = server(workers=2, state_file=str(path), interval=0.1, failed=0.1)
         s.start(wait_workers=2)
         assert s.events("master_start")[0]["reason"] == "restart"
-        wait_for(lambda: open_for_reading(str(path)).view.last_sweep() < 2**62, "a sweep")
+        wait_for(lambda: header_word(str(path), layout.H.NEXT_SWEEP) < 2**62, "a sweep")
         s.stop()
+        assert live.poll() is None, "the live process of the other boot was left alone"
     finally:
         live.kill()
         live.wait()

@@ -12,7 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from gunicorn_lifecycle import layout
-from gunicorn_lifecycle.statefile import default_path, open_for_reading
+from gunicorn_lifecycle.statefile import default_path
+from gunicorn_lifecycle.status import read_status
 from harness import HOOKS, REPO, Server, booted, check_record, wait_for
 
 Make = Callable[..., Server]
@@ -43,9 +44,8 @@ def test_post_worker_init_marks_workers_booted(server: Make) -> None:
     s = server(workers=2).start(wait_workers=2)
 
     def booted() -> set[int]:
-        v = open_for_reading(s.state_file).view
-        slots = [v.consistent_slot(i) for i in range(v.slots)]
-        return {x.pid for x in slots if x.registered and x.booted}
+        return {w["pid"] for g in read_status(s.state_file)["generations"]
+                for w in g["workers"] if w["booted"]}
 
     pids = {e["pid"] for e in s.events("worker_start")}
     wait_for(lambda: booted() == pids, f"workers {pids} marked booted")
@@ -96,6 +96,7 @@ def test_state_file_is_private_and_printed_at_start(server: Make) -> None:
     assert os.stat(s.state_file).st_mode & 0o777 == 0o600
     assert f"state file {s.state_file}" in s.log_text()
     assert len(Path(s.state_file).read_bytes()) == layout.file_size(256)
+    assert not os.path.exists(s.state_file + ".lock"), "the lock is on the state file itself"
     s.stop()
 
 
@@ -120,12 +121,14 @@ def test_make_run_serves_logs_events_and_stops_on_term(tmp_path: Path) -> None:
             os.killpg(make.pid, signal.SIGKILL)
 
 
-def _snapshot(state_file: str) -> tuple[object, ...]:
-    """Generations and registered workers: all but the heartbeat stamps, which move."""
-    v = open_for_reading(state_file).view
-    generations = [v.consistent_generation(i) for i in range(layout.GENERATIONS)]
-    slots = [v.consistent_slot(i)._replace(heartbeat=0) for i in range(v.slots)]
-    return v.next_generation(), generations, slots
+def _snapshot(state_file: str) -> bytes:
+    """The whole file but what moves on its own: stamps, the sweep deadline, who locked last."""
+    data = bytearray(Path(state_file).read_bytes())
+    slots = layout.check_header(data, len(data), state_file)
+    moving = [layout.H.NEXT_SWEEP, layout.H.HOLDER_PID, layout.H.HOLDER_WHAT]
+    for at in [*moving, *(layout.slot_at(i) + layout.S.HEARTBEAT for i in range(slots))]:
+        data[at * 8 : at * 8 + 8] = bytes(8)
+    return bytes(data)
 
 
 def _get(url: str) -> bytes | None:

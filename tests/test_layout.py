@@ -1,85 +1,139 @@
-"""The state file's layout and its lock-free reader, without Gunicorn."""
+"""The state file's layout, its records and the protocol's single-process rules."""
 
 from __future__ import annotations
 
-import struct
 import threading
 
 import pytest
+from states import add_generation, fresh, state_of
 
 from gunicorn_lifecycle import LifecycleError, layout
-
-
-def view(slots: int = 4) -> layout.StateView:
-    return layout.StateView(memoryview(bytearray(layout.new_file(slots))), "test.state")
+from gunicorn_lifecycle.layout import Flag, G, GenerationState, H, Reason, S, SlotState
 
 
 def test_sizes_are_fixed() -> None:
-    assert layout.HEADER.size <= layout.HEADER_SIZE == 64
-    assert layout.GENERATION.size == layout.SLOT.size == 48
-    assert layout.file_size(256) == 64 + 16 * 48 + 256 * 48 == 13_120
+    assert layout.HEADER_WORDS * 8 == 256
+    assert layout.GENERATION_WORDS * 8 == 128 and layout.SLOT_WORDS * 8 == 64
+    assert layout.file_size(256) == 256 + 32 * 128 + 256 * 64 == 20_736
+    assert max(H) < layout.HEADER_WORDS and max(G) < layout.GENERATION_WORDS
+    assert max(S) < layout.SLOT_WORDS
 
 
 def test_new_file_is_all_free() -> None:
-    v = view()
-    assert v.next_generation() == 1 and v.last_sweep() == 0
-    assert all(not g.is_open for _, g in v.locked_generations())
-    assert all(not s.registered for _, s in v.locked_slots())
+    state = state_of(fresh(4))
+    assert state.header(H.NEXT_GENERATION) == state.header(H.NEXT_TOKEN) == 1
+    assert state.generations() == [] and state.slots_in(*SlotState) == [
+        state.slot(i) for i in range(4)]
+    assert all(s.state == SlotState.FREE for s in state.slots_in(*SlotState))
 
 
-def test_records_round_trip_with_even_sequence() -> None:
-    v = view()
-    slot = layout.Slot(0, layout.SlotState.REGISTERED, 1, 7, 4242, 99, 123, 456)
-    v.write_slot(2, slot)
-    read = v.consistent_slot(2)
-    assert read._replace(seq=0) == slot and read.seq % 2 == 0 and read.seq > 0
-    assert v.stamp(2, 4242, 99, 789)
-    assert v.consistent_slot(2).heartbeat == 789 == v.locked_slot(2).heartbeat
-    assert not v.stamp(2, 4242, 98, 790) and not v.stamp(2, 4243, 99, 790)  # not its own
-    assert not v.stamp(1, 4242, 99, 790)  # a free slot
-    assert v.locked_slot(2).heartbeat == 789 and v.locked_slot(1).heartbeat == 0
-    assert list(v.slot_uses())[2] == (layout.SlotState.REGISTERED, 7)
-    assert v.sweep_candidates() == [2]
-    struct.pack_into("<I", v.buf, layout.HEADER_SIZE + 16 * 48 + 3 * 48, 257)  # odd: torn
-    assert v.sweep_candidates() == [2, 3]
-    gen = layout.Generation(0, layout.GenerationState.OPEN, 1, 7, 100, 0, 5, 0, 1.5)
-    v.write_generation(15, gen)
-    assert v.consistent_generation(15)._replace(seq=0) == gen
+def test_records_round_trip_with_even_sequences() -> None:
+    state = state_of(fresh(4))
+    add_generation(state, 3, 7, master_pid=100, master_started=5)
+    gen = state.generation(7)
+    assert gen is not None and (gen.index, gen.master_pid, gen.state) == (3, 100,
+                                                                         GenerationState.OPEN)
+    state.register(2, 42, 7, 4242, 99, 123, Flag.BOOTED)
+    slot = state.slot(2)
+    assert (slot.owner, slot.state, slot.pid, slot.heartbeat, slot.booted, slot.counted) == (
+        42, SlotState.REGISTERED, 4242, 123, True, False)
+    state.lose(2, Reason.HEARTBEAT, 555)
+    slot = state.slot(2)
+    assert (slot.owner, slot.state, slot.reason, slot.heartbeat, slot.booted) == (
+        0, SlotState.LOST, Reason.HEARTBEAT, 555, True)
+    state.reclaim(2, 43, 777)
+    assert (state.slot(2).owner, state.slot(2).state) == (43, SlotState.REGISTERED)
+    state.release(2)
+    assert state.slot(2).state == SlotState.FREE and state.slot(2).owner == 0
+    for at in (layout.generation_at(3), layout.slot_at(2)):
+        assert state.words[at] % 2 == 0 and state.words[at] > 0
+    assert state.words[H.DIRTY] == 0
 
 
-def test_a_writer_killed_mid_record_is_repaired_by_the_next_write() -> None:
-    v = view()
-    at = layout.HEADER_SIZE + layout.GENERATIONS * layout.GENERATION.size
-    struct.pack_into("<I", v.buf, at, 3)  # an odd counter: a write that never finished
-    with pytest.raises(LifecycleError, match="half-written"):
-        v.consistent_slot(0)
-    v.write_slot(0, layout.FREE_SLOT)
-    assert v.consistent_slot(0).seq % 2 == 0
+def test_a_change_cut_short_is_repaired_by_the_next_lock_holder() -> None:
+    state = state_of(fresh(4))
+    at = layout.slot_at(1)
+    state.words[H.DIRTY] = at  # a writer died after it began the change
+    state.words[at] = 3
+    state.words[at + S.OWNER] = 9  # ...and stored the owner, not yet the state
+    assert state.words.read(at, layout.SLOT_WORDS, patience=0.05) is None, "unknown, not free"
+    state.words.repair()
+    assert state.words[H.DIRTY] == 0 and state.words[at] == 4
+    slot = state.slot(1)
+    assert slot.state == SlotState.FREE, "a registration cut short means nothing"
+
+
+def test_repair_refuses_a_dirty_mark_that_is_no_record() -> None:
+    state = state_of(fresh(4))
+    state.words[H.DIRTY] = layout.slot_at(1) + 3
+    with pytest.raises(LifecycleError, match="starts no record"):
+        state.words.repair()
 
 
 def test_a_reader_waits_out_a_writer_preempted_mid_record() -> None:
-    v = view()
-    at = layout.HEADER_SIZE + layout.GENERATIONS * layout.GENERATION.size
-    struct.pack_into("<I", v.buf, at, 3)  # a write begun, its writer descheduled
-    finish = threading.Timer(0.2, v.write_slot, (0, layout.FREE_SLOT._replace(pid=42)))
+    state = state_of(fresh(4))
+    at = layout.slot_at(0)
+    state.words[at] = 1  # a change begun, its writer descheduled
+    finish = threading.Timer(0.2, lambda: state.words.change(at, [(S.PID, 42)]))
     finish.start()
     try:
-        assert v.consistent_slot(0).pid == 42
+        values = state.words.read(at, layout.SLOT_WORDS)
     finally:
         finish.join()
+    assert values is not None and values[S.PID] == 42
 
 
 @pytest.mark.parametrize(("data", "message"), [
     (b"", "only 0 bytes"),
     (b"x" * layout.file_size(4), "wrong magic"),
     (layout.new_file(4)[:-1], "need"),
-    (layout.new_file(4) + b"\0" * 48, "need"),
-    (layout.HEADER.pack(layout.MAGIC, 2, 16, 4, 1, 0, 0, 0, b"").ljust(layout.file_size(4), b"\0"),
-     "format version 2"),
-    (layout.HEADER.pack(layout.MAGIC, 1, 16, 0, 1, 0, 0, 0, b"").ljust(layout.file_size(4), b"\0"),
-     "impossible capacity"),
+    (layout.new_file(4) + b"\0" * 64, "need"),
 ])
 def test_foreign_files_are_refused_by_name(data: bytes, message: str) -> None:
     with pytest.raises(LifecycleError, match=message) as error:
         layout.check_header(data, len(data), "/some/where.state")
     assert "/some/where.state" in str(error.value)
+
+
+@pytest.mark.parametrize(("word", "value", "message"), [
+    (H.VERSION, 1, "format version 1"),
+    (H.VERSION, 3, "format version 3"),
+    (H.SLOTS, 0, "impossible capacity"),
+    (H.GENERATIONS, 16, "impossible capacity"),
+])
+def test_headers_of_other_versions_and_capacities_are_refused(word: H, value: int,
+                                                              message: str) -> None:
+    buf = fresh(4)
+    buf[word * 8 : word * 8 + 8] = value.to_bytes(8, "little")
+    with pytest.raises(LifecycleError, match=message):
+        layout.check_header(buf, len(buf), "/some/where.state")
+
+
+def test_cut_short_means_a_strict_prefix_of_a_fresh_file() -> None:
+    full = layout.new_file(8)
+    assert layout.is_cut_short(b"") and layout.is_cut_short(full[:1])
+    assert layout.is_cut_short(full[:30]) and layout.is_cut_short(full[:1000])
+    assert not layout.is_cut_short(full), "complete"
+    used = bytearray(full)
+    used[layout.slot_at(0) * 8 + 8] = 1
+    assert not layout.is_cut_short(bytes(used[:-8])), "holds data: not a creation cut short"
+    assert not layout.is_cut_short(b"NOTOURS!")
+
+
+@pytest.mark.parametrize(("word", "value", "what"), [
+    (S.STATE, 7, "worker slot 1"),
+    (S.FLAGS, 1 << 4, "worker slot 1"),
+    (S.FLAGS, 99 << layout.REASON_SHIFT, "worker slot 1"),
+])
+def test_a_scribbled_slot_is_corrupt_by_name(word: S, value: int, what: str) -> None:
+    state = state_of(fresh(4), "/x.state")
+    state.words[layout.slot_at(1) + word] = value
+    with pytest.raises(LifecycleError, match=rf"/x\.state: {what} is corrupt"):
+        state.slot(1)
+
+
+def test_a_scribbled_generation_is_corrupt_by_name() -> None:
+    state = state_of(fresh(4), "/x.state")
+    state.words[layout.generation_at(2) + G.STATE] = GenerationState.OPEN  # number 0, no master
+    with pytest.raises(LifecycleError, match=r"/x\.state: generation record 2 is corrupt"):
+        state.generations()

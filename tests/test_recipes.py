@@ -24,7 +24,7 @@ def recipe(name: str) -> str:
 
 def recipe_server(server: Make, name: str, workers: int, settings: str = "") -> Server:
     """A server configured by a recipe, which keeps the default state file."""
-    s = server(workers=workers, settings=recipe(name) + settings)
+    s = server(workers=workers, settings=recipe(name) + settings, record=False)
     s.state_file = default_path([f"unix:{s.sock}"])
     return s
 

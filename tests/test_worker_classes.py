@@ -9,8 +9,8 @@ from collections.abc import Callable
 
 import gunicorn
 import pytest
+from states import registered
 
-from gunicorn_lifecycle.status import read_status
 from harness import Server, check_record, wait_for
 
 Make = Callable[..., Server]
@@ -87,14 +87,13 @@ def test_heartbeat_neither_starved_nor_late_to_exit(server: Make, worker_class: 
     finally:
         os.kill(victim, signal.SIGCONT)
 
-    def registered() -> set[int]:
-        return {w["pid"] for g in read_status(s.state_file)["generations"] for w in g["workers"]}
-
-    wait_for(lambda: victim in registered(), "the resumed worker to register again")
+    wait_for(lambda: victim in registered(s.state_file), "the resumed worker to register again")
     stopping = time.monotonic()
     s.stop()
     assert time.monotonic() - stopping < 5.0, "well under graceful_timeout (10 s)"
     assert len(s.events("worker_lost")) == 1
+    assert [e["reason"] for e in s.events("worker_start", pid=victim)] == ["spawn", "resume"]
     assert sorted(e["pid"] for e in s.events("worker_exit")) == sorted(
-        e["pid"] for e in s.events("worker_start"))
+        {e["pid"] for e in s.events("worker_start")})
+    check_record(s.events())
     no_bad_deaths(s)

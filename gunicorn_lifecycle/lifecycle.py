@@ -1,0 +1,324 @@
+"""The lifecycle rules: lineage, counts, reasons, closures, and the events they owe.
+
+Everything here runs under the state lock, on a :class:`~.state.State`. A change
+that owes the user an event (a worker lost, a generation closed) is made at once
+and returns an :class:`Owed`; its *delivery* (:mod:`transaction`) later takes the
+event's effect on the counts and runs its callbacks, in turn. The counts every
+callback sees are therefore those of the events delivered before it:
+
+- a worker counts from the delivery of its ``worker_start`` to that of its
+  ``worker_exit`` or ``worker_lost`` (the slot's COUNTED flag);
+- a generation is announced from its ``master_start`` to its ``master_exit``,
+  and counts in ``n_prev``/``n_next`` while announced or while workers of it
+  still count (the orphans of a master that died).
+
+Whoever delivers an owed event first takes its effect (under the lock), so an
+event found twice is still delivered once, and anyone may finish a delivery
+that the process which found it never made.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from .events import Event, Log
+from .layout import Flag, GenerationState, H, Reason, S, SlotState, slot_at
+from .options import Options
+from .process import boot_id, is_alive, pid_namespace
+from .state import Generation, Slot, State
+
+
+class Owed(Protocol):
+    """An event the state owes; ``take`` makes its effect and returns it, if still owed."""
+
+    @property
+    def callback(self) -> str: ...
+    @property
+    def options(self) -> Options: ...
+
+    def take(self, state: State) -> Event | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class MasterStarted:
+    number: int
+    reason: Reason
+    options: Options
+    server: Any
+    callback: str = "master_start"
+
+    def take(self, state: State) -> Event | None:
+        gen = state.generation(self.number)
+        if gen is None or not gen.serving or gen.announced:
+            return None
+        state.set_generation(gen.index, announced=1)
+        return _event(state, gen, str(gen.number), gen.master_pid, self.reason, self)
+
+
+@dataclass(frozen=True, slots=True)
+class MasterExited:
+    number: int
+    options: Options
+    server: Any
+    callback: str = "master_exit"
+
+    def take(self, state: State) -> Event | None:
+        gen = state.generation(self.number)
+        if gen is None or gen.state != GenerationState.CLOSED or not gen.announced:
+            return None
+        event = _event(state, gen, str(gen.number), gen.master_pid, gen.closed, self)
+        state.set_generation(gen.index, announced=0)
+        retire_if_unused(state, gen.number)
+        return event
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerStarted:
+    index: int
+    token: int
+    resumed: bool
+    options: Options
+    server: Any
+    worker: Any = None
+    callback: str = "worker_start"
+
+    def take(self, state: State) -> Event | None:
+        slot = state.slot(self.index)
+        gen = state.generation(slot.generation)
+        if slot.owner != self.token or slot.counted or gen is None:
+            return None
+        state.set_flags(self.index, slot.flags | Flag.COUNTED)
+        reason = "resume" if self.resumed else "respawn" if gen.gone else "spawn"
+        return _event(state, gen, f"{gen.number}-{slot.pid}", slot.pid, reason, self)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerExited:
+    index: int
+    token: int
+    options: Options
+    server: Any
+    worker: Any = None
+    callback: str = "worker_exit"
+
+    def take(self, state: State) -> Event | None:
+        slot = state.slot(self.index)
+        gen = state.generation(slot.generation)
+        if slot.owner != self.token or not slot.counted or gen is None:
+            return None
+        event = _event(state, gen, f"{gen.number}-{slot.pid}", slot.pid, "exit", self)
+        state.set_flags(self.index, slot.flags & ~int(Flag.COUNTED))
+        return event
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerLost:
+    """``dead``: the finder knows the process is gone (reaped, or judged dead), so its slot
+    is freed once the loss is told; a worker lost by heartbeat may still come back."""
+
+    index: int
+    pid: int
+    started: int
+    dead: bool
+    options: Options
+    server: Any
+    worker: Any = None
+    callback: str = "worker_lost"
+
+    def take(self, state: State) -> Event | None:
+        slot = state.slot(self.index)
+        gen = state.generation(slot.generation)
+        if (slot.state != SlotState.LOST or (slot.pid, slot.started) != (self.pid, self.started)
+                or not slot.counted or gen is None):
+            return None
+        state.set_flags(self.index, slot.flags & ~int(Flag.COUNTED))
+        event = _event(state, gen, f"{gen.number}-{slot.pid}", slot.pid, slot.reason, self)
+        if self.dead:
+            state.release(self.index)
+            retire_if_unused(state, gen.number)
+        return event
+
+
+def _event(state: State, gen: Generation, event_id: str, pid: int, reason: Reason | str,
+           owed: MasterStarted | MasterExited | WorkerStarted | WorkerExited | WorkerLost
+           ) -> Event:
+    n_prev, n_mine, n_next = counts(state, gen)
+    text = reason.text if isinstance(reason, Reason) else reason
+    return Event(event_id, n_prev, n_mine, n_next, text, gen.number, pid, owed.server,
+                 getattr(owed, "worker", None))
+
+
+def counts(state: State, mine: Generation) -> tuple[int | None, int, int | None]:
+    """Counted workers of the nearest present generation before ``mine``, of it, and after."""
+    counted = state.counted()
+    present = [g for g in state.generations() if g.announced or counted[g.number]]
+    older = [g for g in present if g.lineage < mine.lineage]
+    newer = [g for g in present if g.lineage > mine.lineage]
+    return (
+        counted[max(older, key=lambda g: g.lineage).number] if older else None,
+        counted[mine.number],
+        counted[min(newer, key=lambda g: g.lineage).number] if newer else None,
+    )
+
+
+class Here:
+    """Where this process judges liveness from: its boot and its pid namespace."""
+
+    def __init__(self, state: State) -> None:
+        self.same_boot = (state.header(H.BOOT_ID), state.header(H.BOOT_ID + 1)) == _boot()
+        self.pidns = _pidns()
+
+    def alive(self, pid: int, started: int, pidns: int) -> bool | None:
+        """Whether the recorded process runs; None when it is another namespace's to judge."""
+        if not self.same_boot:
+            return False
+        if pidns != self.pidns:
+            return None
+        return is_alive(pid, started)
+
+    def master_alive(self, gen: Generation) -> bool | None:
+        return self.alive(gen.master_pid, gen.master_started, gen.pidns)
+
+
+_boot = functools.cache(boot_id)
+_pidns = functools.cache(pid_namespace)
+
+
+def lose(state: State, slot: Slot, reason: Reason, dead: bool, options: Options, server: Any,
+         worker: Any = None) -> list[Owed]:
+    """A registered worker is gone without a word (or too late): it is lost for ``reason``."""
+    state.lose(slot.index, reason, time.monotonic_ns())
+    count_gone(state, slot.generation)
+    return [WorkerLost(slot.index, slot.pid, slot.started, dead, options, server, worker)]
+
+
+def count_gone(state: State, number: int) -> None:
+    gen = state.generation(number)
+    if gen is not None:
+        state.set_generation(gen.index, gone=gen.gone + 1)
+
+
+def exit_reason(state: State, gen: Generation, here: Here, master_alive: bool) -> Reason:
+    """Why ``gen`` closes, by lineage: a newer live master, a live USR2 parent, or neither."""
+    if gen.state == GenerationState.SUPERSEDED and master_alive:
+        return Reason.RELOAD
+    others = [g for g in state.generations() if g.serving and g.master_pid != gen.master_pid
+              and here.master_alive(g) is not False]
+    if master_alive and any(g.lineage > gen.lineage for g in others):
+        return Reason.UPGRADE
+    if gen.parent_pid and any((g.master_pid, g.master_started) == (gen.parent_pid,
+                                                                    gen.parent_started)
+                              for g in others):
+        return Reason.ROLLBACK
+    return Reason.STOP if master_alive else Reason.CRASH
+
+
+def close(state: State, gen: Generation, reason: Reason, options: Options, server: Any
+          ) -> list[Owed]:
+    """Close ``gen``: the losses of it still owed, then its master_exit."""
+    state.set_generation(gen.index, closed=reason, closed_at=time.monotonic_ns(),
+                         state=GenerationState.CLOSED)
+    owed: list[Owed] = [WorkerLost(s.index, s.pid, s.started, False, options, server)
+                        for s in state.slots_in(SlotState.LOST)
+                        if s.generation == gen.number and s.counted]
+    if not gen.announced:
+        retire_if_unused(state, gen.number)  # its master_start was never delivered: no exit
+    return [*owed, MasterExited(gen.number, options, server)]
+
+
+def close_dead(state: State, gen: Generation, here: Here, options: Options, server: Any,
+               log: Log) -> list[Owed]:
+    """Close a generation whose master died without ``on_exit``: "rollback" or "crash".
+
+    Its workers still alive are orphans finishing their requests: they keep
+    counting, and keep their own exit; the dead ones are lost.
+    """
+    owed: list[Owed] = []
+    for slot in state.slots_in(SlotState.REGISTERED):
+        if slot.generation == gen.number and here.alive(slot.pid, slot.started, gen.pidns) is False:
+            owed += lose(state, slot, Reason.CRASH, True, options, server)
+    reason = exit_reason(state, gen, here, master_alive=False)
+    log.warning("gunicorn_lifecycle: master %s died without on_exit; its generation %s closes "
+                "(%s)", gen.master_pid, gen.number, reason.text)
+    if reason == Reason.CRASH and not any(
+        g.serving and g.number != gen.number and here.master_alive(g) is not False
+        for g in state.generations()
+    ):
+        state.set_header(H.RESTART_DUE, 1)
+    return owed + close(state, gen, reason, options, server)
+
+
+def retire_if_unused(state: State, number: int) -> None:
+    """Free a closed, unannounced generation record once no slot refers to it."""
+    gen = state.generation(number)
+    if gen is None or gen.state != GenerationState.CLOSED or gen.announced:
+        return
+    if not any(s.generation == number
+               for s in state.slots_in(SlotState.REGISTERED, SlotState.LOST)):
+        state.set_generation(gen.index, state=GenerationState.FREE)
+
+
+def free_slot(state: State, here: Here) -> int | None:
+    """A slot to register into: a free one, else one whose lost worker is dead and reported."""
+    states = state.slot_column(S.STATE)
+    if SlotState.FREE in states:
+        return states.index(SlotState.FREE)
+    for slot in state.slots_in(SlotState.LOST):
+        gen = state.generation(slot.generation)
+        pidns = gen.pidns if gen is not None else here.pidns
+        if not slot.counted and here.alive(slot.pid, slot.started, pidns) is False:
+            return slot.index
+    return None
+
+
+def sweep(state: State, here: Here, options: Options, server: Any, log: Log) -> list[Owed]:
+    """Find what died without a word, once per interval node-wide; the events it owes.
+
+    Masters that died close their generations ("crash", "rollback"); registered
+    workers whose heartbeat overran are lost ("heartbeat"); orphans that died are
+    lost ("crash"); events owed for longer than an overrun (their finder died or
+    is stuck) are owed again, to whoever delivers first; records nobody needs
+    any more are freed.
+    """
+    owed: list[Owed] = []
+    for gen in state.generations():
+        if gen.serving and here.master_alive(gen) is False:
+            owed += close_dead(state, gen, here, options, server, log)
+    generations = {g.number: g for g in state.generations()}
+    stamps = state.slot_column(S.HEARTBEAT)
+    for slot in state.slots_in(SlotState.REGISTERED, SlotState.LOST):
+        of = generations.get(slot.generation)
+        if of is None:
+            continue
+        if slot.state == SlotState.REGISTERED:
+            if _overran(state, slot.index, stamps[slot.index], of.overrun):
+                owed += lose(state, slot, Reason.HEARTBEAT, False, options, server)
+            elif of.state == GenerationState.CLOSED and here.alive(
+                    slot.pid, slot.started, of.pidns) is False:
+                owed += lose(state, slot, Reason.CRASH, True, options, server)
+        elif slot.counted:
+            if time.monotonic_ns() - slot.heartbeat > of.overrun:  # lost that long ago
+                owed.append(WorkerLost(slot.index, slot.pid, slot.started, False, options,
+                                       server))
+        elif here.alive(slot.pid, slot.started, of.pidns) is False:
+            state.release(slot.index)
+    for gen in state.generations():
+        if gen.state != GenerationState.CLOSED:
+            continue
+        if not gen.announced:
+            retire_if_unused(state, gen.number)
+        elif time.monotonic_ns() - gen.closed_at > gen.overrun:
+            owed.append(MasterExited(gen.number, options, server))
+    return owed
+
+
+def _overran(state: State, index: int, stamp: int, overrun: int) -> bool:
+    """Whether a stamp overran: checked again on a fresh clock read *before* a fresh load of
+    the stamp, so that a sweeper delayed anywhere in between errs towards alive."""
+    if time.monotonic_ns() - stamp <= overrun:
+        return False
+    now = time.monotonic_ns()
+    return now - state.words.view[slot_at(index) + S.HEARTBEAT] > overrun

@@ -1,0 +1,239 @@
+"""How a process gets at the state: bookkeeping under the lock, user callbacks in turn.
+
+*Bookkeeping* (register, reap, sweep, open, close) holds the state lock for
+microseconds, and never waits on a user callback. The events it finds are
+*owed* (:mod:`lifecycle`); a *delivery* takes the node-wide *turn*, so that no
+two user callbacks run at once anywhere, then the lock just long enough to make
+the event's effect on the counts and read them, then runs the callbacks with
+the turn alone. An event without a callback takes no turn.
+
+The turn is a word in the state (who holds it: pid and start time), taken under
+the lock, and released with one store by its holder. A holder that died is
+passed over: its pid is no longer alive with that start time.
+
+No signal is ever masked. A hook that a signal handler calls inside another
+(Gunicorn 21 to 23 reap workers, and call ``child_exit``, from their SIGCHLD
+handler) is deferred: its bookkeeping until the interrupted bookkeeping ends,
+its deliveries until the interrupted delivery ends (:meth:`Transactions.perform`).
+An exception a signal handler raises inside bookkeeping (a worker's quick exit)
+unwinds it like a kill would: the next lock holder repairs the record.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+
+from . import threads
+from .events import Log, run_callbacks
+from .layout import H
+from .lifecycle import Owed
+from .lock import LockTimeout, StateLock
+from .process import is_alive, own_start_time
+from .state import State
+from .statefile import StateFile
+
+WHAT = ("", "master_start", "master_exit", "worker_start", "worker_exit", "worker_lost",
+        "register", "booted", "sweep", "resume", "reap", "turn", "exit")
+
+Work = Callable[[State], Sequence[Owed]]
+
+
+class TurnTimeout(Exception):
+    """The turn to run user callbacks was not had in time."""
+
+
+class Transactions:
+    """One process's way into one state file."""
+
+    def __init__(self, file: StateFile, log: Log) -> None:
+        self.file = file
+        self.state = State(file.words)
+        self.lock = StateLock(file)
+        self.log = log
+        self.pid = os.getpid()
+        self.started = own_start_time()
+        self._turn_threads = threads.allocate_lock()
+        self._turn_stalled = False
+        self._inside: set[int] = set()  # threads in bookkeeping now
+        self._work: deque[tuple[str, Work, float]] = deque()
+        self._owed: deque[Owed] = deque()
+        self._delivering = False
+
+    def after_fork(self) -> None:
+        """In a forked worker: its own identity, lock description and queues."""
+        self.pid = os.getpid()
+        self.started = own_start_time()
+        self.file.reopen()
+        self.lock.after_fork()
+        self._turn_threads = threads.allocate_lock()
+        self._turn_stalled = False
+        self._inside.clear()
+        self._work.clear()
+        self._owed.clear()
+        self._delivering = False
+
+    @contextmanager
+    def bookkeeping(self, what: str, timeout: float) -> Iterator[State]:
+        """Hold the state lock for ``what``, on a checked and repaired state."""
+        me = threads.get_ident()
+        self._inside.add(me)
+        try:
+            with self.lock.hold(timeout, what, self._holder):
+                self.file.verify()
+                self.state.words.repair()
+                self.state.set_header(H.HOLDER_PID, self.pid)
+                self.state.set_header(H.HOLDER_WHAT, WHAT.index(what))
+                yield self.state
+        finally:
+            self._inside.discard(me)
+
+    def perform(self, what: str, work: Work, timeout: float) -> None:
+        """Do ``work`` under the lock, then deliver the events it owes, in order.
+
+        For the hooks of a master's main thread, which a signal handler may enter
+        again: nothing nests (see the module's docstring).
+        """
+        self._work.append((what, work, timeout))
+        if threads.get_ident() in self._inside:
+            return  # inside our bookkeeping: the outer call does it when that ends
+        self._bookkeep()
+        while self._owed and not self._delivering:  # inside a delivery: the outer loop delivers
+            self._delivering = True
+            try:
+                while self._owed:
+                    self.deliver(self._owed.popleft())
+                    self._bookkeep()
+            finally:
+                self._delivering = False
+
+    def _bookkeep(self) -> None:
+        while self._work:
+            what, work, timeout = self._work.popleft()
+            with self.bookkeeping(what, timeout) as state:
+                self._owed.extend(work(state))
+
+    def deliver_all(self, owed: Iterable[Owed]) -> None:
+        for one in owed:
+            self.deliver(one)
+
+    def deliver(self, owed: Owed) -> None:
+        """Make the event's effect and run its callbacks, in turn; skipped if no longer owed.
+
+        Without the turn in time, an end is still counted, its callback skipped; a
+        start is not counted at all, so that nobody gets an end whose start they
+        never saw (the worker or generation stays out of the counts).
+        """
+        options = owed.options
+        callbacks = options.callbacks(owed.callback)
+        if not callbacks:
+            with self.bookkeeping(owed.callback, options.lock_timeout) as state:
+                owed.take(state)
+            return
+        try:
+            with self.turn(owed.callback, options.lock_timeout):
+                with self.bookkeeping(owed.callback, options.lock_timeout) as state:
+                    event = owed.take(state)
+                if event is not None:
+                    run_callbacks(owed.callback, callbacks, event, options.on_error, self.log)
+        except TurnTimeout as exc:
+            if owed.callback.endswith("_start"):
+                self.log.error("gunicorn_lifecycle: %s; no %s callback: what it starts stays "
+                               "out of the counts and gets no end event", exc, owed.callback)
+                return
+            self.log.error("gunicorn_lifecycle: %s; the %s callback is skipped, its event "
+                           "counted", exc, owed.callback)
+            with self.bookkeeping(owed.callback, options.lock_timeout) as state:
+                owed.take(state)
+
+    @contextmanager
+    def turn(self, what: str, timeout: float) -> Iterator[None]:
+        """Hold the node-wide turn to run user callbacks; TurnTimeout after ``timeout``.
+
+        Like the lock, a process that waited out a timeout once only tries until
+        it has the turn again.
+        """
+        if self._turn_stalled:
+            timeout = 0
+        deadline = time.monotonic() + timeout
+        if not (self._turn_threads.acquire(True, timeout) if timeout > 0
+                else self._turn_threads.acquire(False)):
+            raise TurnTimeout(f"gave up on the turn for {what} after {timeout:.1f}s: another "
+                              "thread of this process runs callbacks")
+        try:
+            pause = 0.0001
+            while (holder := self._take_turn(what, max(deadline - time.monotonic(), 0))):
+                if time.monotonic() >= deadline:
+                    if timeout > 0:
+                        self._turn_stalled = True
+                    raise TurnTimeout(f"gave up on the turn for {what} in pid {self.pid} after "
+                                      f"{timeout:.1f}s: {holder} runs its callbacks")
+                threads.sleep(pause)
+                pause = min(pause * 2, 0.01)
+            self._turn_stalled = False
+            try:
+                yield
+            finally:
+                # One store, without the lock: only the holder writes a held turn.
+                if (self.state.header(H.TURN_PID), self.state.header(H.TURN_STARTED)) == (
+                        self.pid, self.started):
+                    self.state.set_header(H.TURN_PID, 0)
+        finally:
+            self._turn_threads.release()
+
+    def _take_turn(self, what: str, timeout: float) -> str:
+        """Take the turn if it is free (or its holder died); else say who holds it."""
+        with self.bookkeeping("turn", timeout) as state:
+            pid, started = state.header(H.TURN_PID), state.header(H.TURN_STARTED)
+            if pid and pid != self.pid and is_alive(pid, started):
+                code = state.header(H.TURN_WHAT)
+                return f"pid {pid} ({WHAT[code] if 0 <= code < len(WHAT) else '?'})"
+            state.set_header(H.TURN_STARTED, self.started)
+            state.set_header(H.TURN_WHAT, WHAT.index(what))
+            state.set_header(H.TURN_PID, self.pid)
+            return ""
+
+    def _holder(self) -> str:
+        pid, code = self.state.header(H.HOLDER_PID), self.state.header(H.HOLDER_WHAT)
+        return f"pid {pid} ({WHAT[code] if 0 <= code < len(WHAT) else '?'})"
+
+
+class Courier:
+    """Delivers, from a real thread of its own, what a worker's heartbeat found.
+
+    The beat never waits on a user callback: a slow ``worker_lost`` would stop
+    the stamps of the worker that found the loss, and make it look lost too.
+    One courier thread at most, started when there is mail, gone when there is none.
+    """
+
+    def __init__(self, transactions: Transactions, log: Log) -> None:
+        self._transactions = transactions
+        self._log = log
+        self._mail: deque[Owed] = deque()
+        self._guard = threads.allocate_lock()
+        self._running = False
+
+    def send(self, owed: Iterable[Owed]) -> None:
+        with self._guard:
+            self._mail.extend(owed)
+            if not self._mail or self._running:
+                return
+            self._running = True
+        threads.start_new_thread(self._run, ())
+
+    def _run(self) -> None:
+        while True:
+            with self._guard:
+                if not self._mail:
+                    self._running = False
+                    return
+                owed = self._mail.popleft()
+            try:
+                self._transactions.deliver(owed)
+            except LockTimeout as exc:
+                self._log.error("gunicorn_lifecycle: %s", exc)
+            except Exception:
+                self._log.exception("gunicorn_lifecycle: delivering %s failed", owed.callback)
