@@ -1,8 +1,13 @@
-"""A small app for Gunicorn with the lifecycle hooks: WSGI (``app``) and ASGI (``asgi_app``)."""
+"""A small app for Gunicorn with the lifecycle hooks: WSGI (``app``) and ASGI (``asgi_app``).
+
+``GET /spin?seconds=N`` computes for N seconds without ever yielding, holding
+the GIL as a CPU-bound request does (a worker busy, not dead).
+"""
 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
@@ -12,6 +17,10 @@ def _body() -> bytes:
 
 
 def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+    if environ.get("PATH_INFO") == "/spin":
+        until = time.monotonic() + float(environ.get("QUERY_STRING", "").partition("=")[2] or 1)
+        while time.monotonic() < until:
+            pass
     body = _body()
     start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
     return [body]

@@ -24,8 +24,9 @@ import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from .events import Event, Log
+from .events import Event
 from .layout import Flag, GenerationState, H, Reason, S, SlotState, slot_at
+from .lock import is_present
 from .options import Options
 from .process import boot_id, is_alive, pid_namespace
 from .state import Generation, Slot, State
@@ -131,14 +132,15 @@ class WorkerLost:
     def take(self, state: State) -> Event | None:
         slot = state.slot(self.index)
         gen = state.generation(slot.generation)
-        if (slot.state != SlotState.LOST or (slot.pid, slot.started) != (self.pid, self.started)
-                or not slot.counted or gen is None):
+        if slot.state != SlotState.LOST or (slot.pid, slot.started) != (self.pid, self.started):
             return None
-        state.set_flags(self.index, slot.flags & ~int(Flag.COUNTED))
-        event = _event(state, gen, f"{gen.number}-{slot.pid}", slot.pid, slot.reason, self)
+        event = None
+        if slot.counted and gen is not None:
+            state.set_flags(self.index, slot.flags & ~int(Flag.COUNTED))
+            event = _event(state, gen, f"{gen.number}-{slot.pid}", slot.pid, slot.reason, self)
         if self.dead:
             state.release(self.index)
-            retire_if_unused(state, gen.number)
+            retire_if_unused(state, slot.generation)
         return event
 
 
@@ -165,11 +167,17 @@ def counts(state: State, mine: Generation) -> tuple[int | None, int, int | None]
 
 
 class Here:
-    """Where this process judges liveness from: its boot and its pid namespace."""
+    """Where this process judges liveness from: its boot, pid namespace and descriptor.
 
-    def __init__(self, state: State) -> None:
+    A master is alive while the kernel holds its presence lock (:mod:`lock`); a
+    worker while its pid runs with the recorded start time, which only a process
+    of the same boot and pid namespace can tell.
+    """
+
+    def __init__(self, state: State, fd: int) -> None:
         self.same_boot = (state.header(H.BOOT_ID), state.header(H.BOOT_ID + 1)) == _boot()
         self.pidns = _pidns()
+        self.fd = fd
 
     def alive(self, pid: int, started: int, pidns: int) -> bool | None:
         """Whether the recorded process runs; None when it is another namespace's to judge."""
@@ -179,8 +187,8 @@ class Here:
             return None
         return is_alive(pid, started)
 
-    def master_alive(self, gen: Generation) -> bool | None:
-        return self.alive(gen.master_pid, gen.master_started, gen.pidns)
+    def master_alive(self, gen: Generation) -> bool:
+        return self.same_boot and is_present(self.fd, gen.index)
 
 
 _boot = functools.cache(boot_id)
@@ -206,7 +214,7 @@ def exit_reason(state: State, gen: Generation, here: Here, master_alive: bool) -
     if gen.state == GenerationState.SUPERSEDED and master_alive:
         return Reason.RELOAD
     others = [g for g in state.generations() if g.serving and g.master_pid != gen.master_pid
-              and here.master_alive(g) is not False]
+              and here.master_alive(g)]
     if master_alive and any(g.lineage > gen.lineage for g in others):
         return Reason.UPGRADE
     if gen.parent_pid and any((g.master_pid, g.master_started) == (gen.parent_pid,
@@ -221,16 +229,21 @@ def close(state: State, gen: Generation, reason: Reason, options: Options, serve
     """Close ``gen``: the losses of it still owed, then its master_exit."""
     state.set_generation(gen.index, closed=reason, closed_at=time.monotonic_ns(),
                          state=GenerationState.CLOSED)
+    if not gen.announced:
+        retire_if_unused(state, gen.number)  # its master_start was never delivered: no exit
+    return owed_by(state, gen, options, server)
+
+
+def owed_by(state: State, gen: Generation, options: Options, server: Any) -> list[Owed]:
+    """What a closed generation still owes: the losses of its workers, then its master_exit."""
     owed: list[Owed] = [WorkerLost(s.index, s.pid, s.started, False, options, server)
                         for s in state.slots_in(SlotState.LOST)
                         if s.generation == gen.number and s.counted]
-    if not gen.announced:
-        retire_if_unused(state, gen.number)  # its master_start was never delivered: no exit
     return [*owed, MasterExited(gen.number, options, server)]
 
 
-def close_dead(state: State, gen: Generation, here: Here, options: Options, server: Any,
-               log: Log) -> list[Owed]:
+def close_dead(state: State, gen: Generation, here: Here, options: Options, server: Any
+               ) -> list[Owed]:
     """Close a generation whose master died without ``on_exit``: "rollback" or "crash".
 
     Its workers still alive are orphans finishing their requests: they keep
@@ -241,10 +254,10 @@ def close_dead(state: State, gen: Generation, here: Here, options: Options, serv
         if slot.generation == gen.number and here.alive(slot.pid, slot.started, gen.pidns) is False:
             owed += lose(state, slot, Reason.CRASH, True, options, server)
     reason = exit_reason(state, gen, here, master_alive=False)
-    log.warning("gunicorn_lifecycle: master %s died without on_exit; its generation %s closes "
-                "(%s)", gen.master_pid, gen.number, reason.text)
+    state.note("gunicorn_lifecycle: master %s died without on_exit; its generation %s closes "
+               "(%s)", gen.master_pid, gen.number, reason.text)
     if reason == Reason.CRASH and not any(
-        g.serving and g.number != gen.number and here.master_alive(g) is not False
+        g.serving and g.number != gen.number and here.master_alive(g)
         for g in state.generations()
     ):
         state.set_header(H.RESTART_DUE, 1)
@@ -262,19 +275,25 @@ def retire_if_unused(state: State, number: int) -> None:
 
 
 def free_slot(state: State, here: Here) -> int | None:
-    """A slot to register into: a free one, else one whose lost worker is dead and reported."""
+    """A slot to register into: a free one, else one whose reported loss is final."""
     states = state.slot_column(S.STATE)
     if SlotState.FREE in states:
         return states.index(SlotState.FREE)
+    generations = {g.number: g for g in state.generations()}
     for slot in state.slots_in(SlotState.LOST):
-        gen = state.generation(slot.generation)
-        pidns = gen.pidns if gen is not None else here.pidns
-        if not slot.counted and here.alive(slot.pid, slot.started, pidns) is False:
+        if lost_for_good(slot, generations.get(slot.generation), here):
             return slot.index
     return None
 
 
-def sweep(state: State, here: Here, options: Options, server: Any, log: Log) -> list[Owed]:
+def lost_for_good(slot: Slot, gen: Generation | None, here: Here) -> bool:
+    """A reported loss that nothing can undo: the worker is dead, or its generation closed
+    (a worker that comes back finds no generation to come back to)."""
+    return not slot.counted and (gen is None or gen.state == GenerationState.CLOSED
+                                 or here.alive(slot.pid, slot.started, gen.pidns) is False)
+
+
+def sweep(state: State, here: Here, options: Options, server: Any) -> list[Owed]:
     """Find what died without a word, once per interval node-wide; the events it owes.
 
     Masters that died close their generations ("crash", "rollback"); registered
@@ -285,8 +304,8 @@ def sweep(state: State, here: Here, options: Options, server: Any, log: Log) -> 
     """
     owed: list[Owed] = []
     for gen in state.generations():
-        if gen.serving and here.master_alive(gen) is False:
-            owed += close_dead(state, gen, here, options, server, log)
+        if gen.serving and not here.master_alive(gen):
+            owed += close_dead(state, gen, here, options, server)
     generations = {g.number: g for g in state.generations()}
     stamps = state.slot_column(S.HEARTBEAT)
     for slot in state.slots_in(SlotState.REGISTERED, SlotState.LOST):
@@ -303,7 +322,7 @@ def sweep(state: State, here: Here, options: Options, server: Any, log: Log) -> 
             if time.monotonic_ns() - slot.heartbeat > of.overrun:  # lost that long ago
                 owed.append(WorkerLost(slot.index, slot.pid, slot.started, False, options,
                                        server))
-        elif here.alive(slot.pid, slot.started, of.pidns) is False:
+        elif lost_for_good(slot, of, here):
             state.release(slot.index)
     for gen in state.generations():
         if gen.state != GenerationState.CLOSED:
@@ -311,7 +330,7 @@ def sweep(state: State, here: Here, options: Options, server: Any, log: Log) -> 
         if not gen.announced:
             retire_if_unused(state, gen.number)
         elif time.monotonic_ns() - gen.closed_at > gen.overrun:
-            owed.append(MasterExited(gen.number, options, server))
+            owed += owed_by(state, gen, options, server)
     return owed
 
 

@@ -18,12 +18,15 @@ from .lifecycle import (
     Here,
     MasterStarted,
     Owed,
+    WorkerLost,
     close,
     close_dead,
     exit_reason,
     lose,
+    owed_by,
     retire_if_unused,
 )
+from .lock import show_presence
 from .options import Options
 from .process import boot_id, own_start_time, pid_namespace
 from .state import Generation, State
@@ -52,8 +55,17 @@ class Master:
         return self.generations[self.current]
 
     def start(self, options: Options) -> None:
-        """Cold start, restart after a crash, or the new master of a USR2 upgrade."""
-        self.tx.perform("master_start", lambda state: self._start(state, options),
+        """Cold start, restart after a crash, or the new master of a USR2 upgrade.
+
+        First what the state still owes is settled: generations whose master died
+        close, and every exit not yet delivered is. Only then does the new
+        generation open, so its master_start follows every master_exit it should,
+        and can use the records those exits freed.
+        """
+        seen: list[bool] = []  # whether the first step found a crash
+        self.tx.perform("master_start", lambda state: self._settle(state, options, seen),
+                        options.lock_timeout)
+        self.tx.perform("master_start", lambda state: self._begin(state, options, any(seen)),
                         options.lock_timeout)
 
     def reload(self, options: Options) -> None:
@@ -70,37 +82,29 @@ class Master:
         """on_exit: close every generation this master still has open."""
         self.tx.perform("master_exit", self._exit, self.options.lock_timeout)
 
-    def _start(self, state: State, options: Options) -> list[Owed]:
-        here = Here(state)
+    def _settle(self, state: State, options: Options, seen: list[bool]) -> list[Owed]:
+        here = Here(state, self.tx.file.fd)
         if not here.same_boot:  # start times, clocks and turns of another boot mean nothing
             first, second = boot_id()
             state.set_header(H.BOOT_ID, first)
             state.set_header(H.BOOT_ID + 1, second)
             state.set_header(H.NEXT_SWEEP, 0)
-            state.set_header(H.TURN_PID, 0)
-        dead, parents = [], []
-        for gen in state.generations():
-            if not gen.serving:
-                retire_if_unused(state, gen.number)
-                continue
-            alive = here.master_alive(gen)
-            if alive is None:
-                raise LifecycleError(
-                    f"state file {state.path} is in use by Gunicorn master {gen.master_pid} of "
-                    f"another pid namespace (pid:[{gen.pidns}]), which this one cannot see; if "
-                    "it is gone, remove the file, else give each instance its own state_file")
-            if not alive:
-                dead.append(gen)
-            elif gen.master_pid == self.parent_pid:
-                parents.append(gen)
-            else:
-                raise LifecycleError(
-                    f"state file {state.path} is in use by the live Gunicorn master "
-                    f"{gen.master_pid} (generation {gen.number}), which is not this master's "
-                    "USR2 parent; give each instance its own state_file")
+        self._parents(state, here)  # refuses before anything changes
+        if not any(g.serving and here.master_alive(g) for g in state.generations()):
+            state.set_header(H.TURN_PID, 0)  # no live master: a turn holder is long gone
         owed: list[Owed] = []
-        for gen in dead:
-            owed += close_dead(state, gen, here, options, self.server, self.log)
+        for gen in state.generations():
+            if gen.serving and not here.master_alive(gen):
+                owed += close_dead(state, gen, here, options, self.server)
+            elif gen.state == GenerationState.CLOSED and gen.announced:
+                owed += owed_by(state, gen, options, self.server)  # its closer never told
+            else:
+                retire_if_unused(state, gen.number)
+        seen.append(bool(state.header(H.RESTART_DUE)))
+        return owed
+
+    def _begin(self, state: State, options: Options, crashed: bool) -> list[Owed]:
+        parents = self._parents(state, Here(state, self.tx.file.fd))
         if parents:
             parent = max(parents, key=lambda g: g.lineage)
             self.parent_started, self.depth = parent.master_started, parent.depth + 1
@@ -108,9 +112,22 @@ class Master:
         else:
             self.parent_pid = 0
             self.depth = max((g.depth + 1 for g in state.generations()), default=0)
-            reason = Reason.RESTART if dead or state.header(H.RESTART_DUE) else Reason.START
+            reason = Reason.RESTART if crashed or state.header(H.RESTART_DUE) else Reason.START
         state.set_header(H.RESTART_DUE, 0)
-        return owed + self._open(state, reason, options)
+        return self._open(state, reason, options)
+
+    def _parents(self, state: State, here: Here) -> list[Generation]:
+        """The live USR2 parent's generations; LifecycleError for any other live master's."""
+        parents = []
+        for gen in state.generations():
+            if gen.serving and here.master_alive(gen):
+                if gen.master_pid != self.parent_pid:
+                    raise LifecycleError(
+                        f"state file {state.path} is in use by the live Gunicorn master "
+                        f"{gen.master_pid} (generation {gen.number}), which is not this "
+                        "master's USR2 parent; give each instance its own state_file")
+                parents.append(gen)
+        return parents
 
     def _reload(self, state: State, options: Options) -> list[Owed]:
         current = state.generation(self.current)
@@ -135,21 +152,22 @@ class Master:
 
     def _reap(self, state: State, pid: int, worker: Any) -> list[Owed]:
         owed: list[Owed] = []
-        for slot in state.slots_in(SlotState.REGISTERED, SlotState.LOST):
-            if slot.pid != pid or slot.generation not in self.generations:
-                continue
+        ours = [s for s in state.slots_in(SlotState.REGISTERED, SlotState.LOST)
+                if s.pid == pid and s.generation in self.generations]
+        ours.sort(key=lambda s: s.state != SlotState.REGISTERED)  # a stale lost one, last
+        for slot in ours[:1]:
             if slot.state == SlotState.REGISTERED:
                 # Gunicorn marks a worker it aborted for overrunning its timeout.
                 reason = Reason.TIMEOUT if getattr(worker, "aborted", False) else Reason.CRASH
                 owed += lose(state, slot, reason, True, self.generations[slot.generation],
                              self.server, worker)
-            elif not slot.counted:
-                state.release(slot.index)  # lost earlier (by heartbeat), and now dead
-            break
+            else:  # lost earlier (by heartbeat, or cut short in its exit), and now dead
+                owed.append(WorkerLost(slot.index, slot.pid, slot.started, True,
+                                       self.generations[slot.generation], self.server, worker))
         return owed + self._close_drained(state)
 
     def _exit(self, state: State) -> list[Owed]:
-        here = Here(state)
+        here = Here(state, self.tx.file.fd)
         owed: list[Owed] = []
         for number in sorted(self.generations):
             options = self.generations[number]
@@ -175,6 +193,7 @@ class Master:
             master_pid=self.pid, master_started=self.started, pidns=self.pidns,
             parent_pid=self.parent_pid, parent_started=self.parent_started, depth=self.depth,
             gone=0, opened_at=time.time_ns(), overrun=int(options.overrun * 1e9), closed_at=0)
+        show_presence(self.tx.file.fd, index, True)
         self.generations[number] = options
         self.current = number
         return [MasterStarted(number, reason, options, self.server)]
@@ -191,4 +210,6 @@ class Master:
         return owed
 
     def _close(self, state: State, gen: Generation, reason: Reason) -> list[Owed]:
-        return close(state, gen, reason, self.generations.pop(gen.number), self.server)
+        owed = close(state, gen, reason, self.generations.pop(gen.number), self.server)
+        show_presence(self.tx.file.fd, gen.index, False)
+        return owed

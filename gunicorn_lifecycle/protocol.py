@@ -36,6 +36,7 @@ from .layout import GENERATION_WORDS, GENERATIONS_AT, SLOT_WORDS, SLOTS_AT, H
 # How long a lock-free reader waits for a record's writer, which a loaded machine may
 # preempt in the middle of a change for milliseconds.
 READ_PATIENCE = 1.0
+_SPINS = 100
 
 
 class Words:
@@ -86,17 +87,23 @@ class Words:
 
         None when no copy was consistent within ``patience`` seconds: the record
         is unknown (being written, or left half-written by a writer that died).
+        A change takes microseconds: the first retries come at once, later ones
+        after a growing sleep (the writer may have been preempted, or be dead).
         """
         view = self.view
-        deadline = time.monotonic() + patience
-        pause = 0.0001
+        spins, deadline, pause = _SPINS, 0.0, 0.0001
         while True:
             before = view[at]
             if not before & 1:
                 values: list[int] = view[at : at + count].tolist()
                 if view[at] == before:
                     return values
-            if time.monotonic() >= deadline:
+            if spins:
+                spins -= 1
+                continue
+            if not deadline:
+                deadline = time.monotonic() + patience
+            elif time.monotonic() >= deadline:
                 return None
             threads.sleep(pause)
             pause = min(pause * 2, 0.01)

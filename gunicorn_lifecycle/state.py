@@ -94,6 +94,11 @@ class State:
         self.words = words
         self.path = words.path
         self.slots = words.slots
+        self.notes: list[tuple[str, tuple[object, ...]]] = []
+
+    def note(self, message: str, *args: object) -> None:
+        """A warning to log once the lock is released: a slow log never holds the lock."""
+        self.notes.append((message, args))
 
     # header
 

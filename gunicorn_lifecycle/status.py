@@ -30,13 +30,17 @@ from .statefile import open_for_reading
 
 def read_status(path: str) -> dict[str, Any]:
     """The SPEC's status object for the state file at ``path``."""
-    return snapshot(open_for_reading(path).words)
+    file = open_for_reading(path)
+    return snapshot(file.words, file.fd)
 
 
-def snapshot(words: Words) -> dict[str, Any]:
-    """Generations in use with their workers; LifecycleError if a record is corrupt."""
+def snapshot(words: Words, fd: int) -> dict[str, Any]:
+    """Generations in use with their workers; LifecycleError if a record is corrupt.
+
+    ``fd``: a descriptor of the file, to see which masters are present.
+    """
     now = time.monotonic_ns()
-    here = Here(State(words))
+    here = Here(State(words), fd)
     generations: dict[int, dict[str, Any]] = {}
     overruns: dict[int, int] = {}
     unknown = []

@@ -32,5 +32,6 @@ def _original(module: str, name: str) -> Any:
 start_new_thread: Callable[[Callable[[], object], tuple[()]], int] = _original(
     "_thread", "start_new_thread")
 allocate_lock: Callable[[], _thread.LockType] = _original("_thread", "allocate_lock")
+RLock: Callable[[], _thread.RLock] = _original("_thread", "RLock")
 get_ident: Callable[[], int] = _original("_thread", "get_ident")
 sleep: Callable[[float], None] = _original("time", "sleep")

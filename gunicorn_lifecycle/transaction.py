@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 
 from . import threads
+from .errors import LifecycleError
 from .events import Log, run_callbacks
 from .layout import H
 from .lifecycle import Owed
@@ -56,7 +57,7 @@ class Transactions:
         self.log = log
         self.pid = os.getpid()
         self.started = own_start_time()
-        self._turn_threads = threads.allocate_lock()
+        self._turn_threads = threads.RLock()
         self._turn_stalled = False
         self._inside: set[int] = set()  # threads in bookkeeping now
         self._work: deque[tuple[str, Work, float]] = deque()
@@ -69,7 +70,7 @@ class Transactions:
         self.started = own_start_time()
         self.file.reopen()
         self.lock.after_fork()
-        self._turn_threads = threads.allocate_lock()
+        self._turn_threads = threads.RLock()
         self._turn_stalled = False
         self._inside.clear()
         self._work.clear()
@@ -78,10 +79,13 @@ class Transactions:
 
     @contextmanager
     def bookkeeping(self, what: str, timeout: float) -> Iterator[State]:
-        """Hold the state lock for ``what``, on a checked and repaired state."""
+        """Hold the state lock for ``what``, on a checked and repaired state.
+
+        What the section noted is logged once the lock is released.
+        """
         me = threads.get_ident()
-        self._inside.add(me)
         try:
+            self._inside.add(me)
             with self.lock.hold(timeout, what, self._holder):
                 self.file.verify()
                 self.state.words.repair()
@@ -90,6 +94,9 @@ class Transactions:
                 yield self.state
         finally:
             self._inside.discard(me)
+            notes, self.state.notes = self.state.notes, []
+            for message, args in notes:
+                self.log.warning(message, *args)
 
     def perform(self, what: str, work: Work, timeout: float) -> None:
         """Do ``work`` under the lock, then deliver the events it owes, in order.
@@ -177,7 +184,9 @@ class Transactions:
             try:
                 yield
             finally:
-                # One store, without the lock: only the holder writes a held turn.
+                # One store, without the lock: only the holder writes a held turn. The file
+                # is checked first, as before any touch of the mapping.
+                self.file.verify()
                 if (self.state.header(H.TURN_PID), self.state.header(H.TURN_STARTED)) == (
                         self.pid, self.started):
                     self.state.set_header(H.TURN_PID, 0)
@@ -197,6 +206,10 @@ class Transactions:
             return ""
 
     def _holder(self) -> str:
+        try:
+            self.file.verify()
+        except LifecycleError:
+            return "a process this one cannot name (the file changed under it)"
         pid, code = self.state.header(H.HOLDER_PID), self.state.header(H.HOLDER_WHAT)
         return f"pid {pid} ({WHAT[code] if 0 <= code < len(WHAT) else '?'})"
 
@@ -206,7 +219,9 @@ class Courier:
 
     The beat never waits on a user callback: a slow ``worker_lost`` would stop
     the stamps of the worker that found the loss, and make it look lost too.
-    One courier thread at most, started when there is mail, gone when there is none.
+    One courier thread at most, started when there is mail, gone when there is
+    none. A worker that exits closes it: the delivery under way ends first, and
+    mail not yet delivered stays owed in the state, for the next sweep anywhere.
     """
 
     def __init__(self, transactions: Transactions, log: Log) -> None:
@@ -214,15 +229,26 @@ class Courier:
         self._log = log
         self._mail: deque[Owed] = deque()
         self._guard = threads.allocate_lock()
-        self._running = False
+        self._delivering = threads.allocate_lock()
+        self._running = self._closed = False
 
     def send(self, owed: Iterable[Owed]) -> None:
         with self._guard:
+            if self._closed:
+                return
             self._mail.extend(owed)
             if not self._mail or self._running:
                 return
             self._running = True
         threads.start_new_thread(self._run, ())
+
+    def close(self, timeout: float) -> None:
+        """Take no more mail; wait up to ``timeout`` for the delivery under way."""
+        with self._guard:
+            self._closed = True
+            self._mail.clear()
+        if self._delivering.acquire(True, timeout):
+            self._delivering.release()
 
     def _run(self) -> None:
         while True:
@@ -231,9 +257,12 @@ class Courier:
                     self._running = False
                     return
                 owed = self._mail.popleft()
+                self._delivering.acquire()
             try:
                 self._transactions.deliver(owed)
             except LockTimeout as exc:
                 self._log.error("gunicorn_lifecycle: %s", exc)
             except Exception:
                 self._log.exception("gunicorn_lifecycle: delivering %s failed", owed.callback)
+            finally:
+                self._delivering.release()

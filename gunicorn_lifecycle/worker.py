@@ -45,11 +45,13 @@ class Worker:
         self.heartbeat = Heartbeat(options.interval, self.beat, self.log)
         self.courier = Courier(transactions, self.log)
         self._view = transactions.state.words.view
+        self._fd, self._size = transactions.file.fd, transactions.file.size
         self._owner_at = self._heartbeat_at = 0
         self._interval = int(options.interval * 1e9)
         self._late = int((options.overrun + options.interval) * 1e9)
         self._last = 0
         self._untracked = False
+        self._leaving = False
 
     def start(self) -> None:
         """post_fork: register, start beating, then deliver ``worker_start``."""
@@ -68,25 +70,38 @@ class Worker:
                     state.set_flags(self.index, slot.flags | Flag.BOOTED)
 
     def exit(self) -> None:
-        """worker_exit: deliver ``worker_exit`` (counting itself), then free the slot."""
-        self.heartbeat.stop()
-        if self.index is None:
-            return  # never tracked: no slot was free, or the lock could not be had
-        with self.tx.bookkeeping("exit", self.options.lock_timeout) as state:
-            owed = self._leave(state)
+        """worker_exit: deliver ``worker_exit`` (counting itself), then free the slot.
+
+        It beats on until the slot is freed: waiting its turn, it is alive. Cut
+        short (a quick shutdown's SystemExit while it waits, a lock it cannot
+        have), it leaves its slot as it is, for its master to report lost.
+        """
+        self._leaving = True
+        self.courier.close(self.options.lock_timeout)
         try:
+            if self.index is None:
+                return  # never tracked: no slot was free, or the lock could not be had
+            with self.tx.bookkeeping("exit", self.options.lock_timeout) as state:
+                owed = self._leave(state)
             self.tx.deliver_all(owed)
-        finally:
             with self.tx.bookkeeping("exit", self.options.lock_timeout) as state:
                 self._release(state)
+        finally:
+            self.heartbeat.stop()
 
     def beat(self) -> None:
-        """One heartbeat: one clock read, one store of the stamp, one load of the sweep deadline.
+        """One heartbeat: one clock read, one store of the stamp, one load of the sweep deadline
+        (after the file's size is checked: a truncated file kills whoever touches its mapping).
 
         A slot taken away (a sweep found this worker late) brings it back. A beat
         that itself came more than an overrun late (the machine or this process
         was frozen) judges nobody: the others may have been frozen as well.
         """
+        if os.fstat(self._fd).st_size != self._size:  # truncated, the mapping would kill us
+            self.heartbeat.stop()
+            self.log.error("gunicorn_lifecycle: state file %s changed size under worker %s; its "
+                           "heartbeat stops", self.tx.file.path, self.pid)
+            return
         view = self._view
         now = time.monotonic_ns()
         if view[self._owner_at] != self.token:
@@ -104,7 +119,7 @@ class Worker:
             self.log.error("gunicorn_lifecycle: worker %s belongs to generation %s, which is not "
                            "open; it serves untracked", self.pid, self.generation)
             return []
-        index = free_slot(state, Here(state))
+        index = free_slot(state, Here(state, self._fd))
         if index is None:
             self.log.error("gunicorn_lifecycle: state file %s has no free slot for worker %s "
                            "(all %s taken); it serves untracked. Remove the file while no "
@@ -131,14 +146,14 @@ class Worker:
                 if now < state.header(H.NEXT_SWEEP):
                     return
                 state.set_header(H.NEXT_SWEEP, now + self._interval)
-                owed = sweep(state, Here(state), self.options, self.server, self.log)
+                owed = sweep(state, Here(state, self._fd), self.options, self.server)
         except LockTimeout:
             return  # busy: a later beat sweeps
         self.courier.send(owed)
 
     def _come_back(self) -> None:
         """A sweep took this worker for lost while it was only slow: register again."""
-        if self._untracked or self.heartbeat.stopped or self.index is None:
+        if self._untracked or self._leaving or self.heartbeat.stopped or self.index is None:
             return
         try:
             with self.tx.bookkeeping("resume", 0) as state:

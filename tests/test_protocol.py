@@ -1,0 +1,205 @@
+"""The concurrency protocol under real concurrency: writers and readers in separate processes.
+
+A writer changes a record (or a word) as fast as it can; readers copy it at the
+same time and check every copy they accept. A copy is consistent when all its
+words come from one change; a reader may give up on a record (unknown), never
+accept a mixed copy. The control case runs the same readers against records
+written the way this library wrote them before (``struct.pack_into``, which
+clears a field before it writes it): the hammer must catch that.
+"""
+
+from __future__ import annotations
+
+import mmap
+import multiprocessing
+import struct
+import threading
+import time
+from collections.abc import Callable
+from multiprocessing.sharedctypes import Synchronized
+from pathlib import Path
+
+from gunicorn_lifecycle import layout
+from gunicorn_lifecycle.layout import Flag, H, S
+from gunicorn_lifecycle.lifecycle import _overran
+from gunicorn_lifecycle.options import Options
+from gunicorn_lifecycle.protocol import Words
+from gunicorn_lifecycle.statefile import open_for_server
+from gunicorn_lifecycle.transaction import Transactions
+from gunicorn_lifecycle.worker import Worker
+from states import add_generation, state_of
+
+SLOTS = 4
+RECORD = layout.slot_at(1)  # the record the writer changes
+WORD = layout.slot_at(2) + S.HEARTBEAT  # the word the writer stores without the lock
+READS = 10_000_000  # per kind, across the readers: a one-in-a-million tear shows
+READERS = 2
+
+
+def shared_state(path: Path) -> mmap.mmap:
+    """A state file whose hammered record was written once already (every word 1)."""
+    path.write_bytes(layout.new_file(SLOTS))
+    with open(path, "r+b") as f:
+        mapping = mmap.mmap(f.fileno(), 0)
+    words_of(mapping).change(RECORD, [(offset, 1) for offset in range(1, layout.SLOT_WORDS)])
+    return mapping
+
+
+def words_of(mapping: mmap.mmap) -> Words:
+    return Words(memoryview(mapping), SLOTS, "hammer")
+
+
+def protocol_writer(mapping: mmap.mmap, stop: Synchronized[int]) -> None:
+    words = words_of(mapping)
+    k = 1
+    while not stop.value:
+        words.change(RECORD, [(offset, k) for offset in range(1, layout.SLOT_WORDS)])
+        # One store: a pattern whose eight bytes are all equal, so a torn load shows.
+        words[WORD] = 0x0101010101010101 * (k % 127 + 1)
+        k += 1
+
+
+def struct_writer(mapping: mmap.mmap, stop: Synchronized[int]) -> None:
+    """Records as before: sequence made odd, then the whole record packed with pack_into."""
+    k = 2
+    record = struct.Struct("<8q")
+    while not stop.value:
+        struct.pack_into("<q", mapping, RECORD * 8, k + 1)
+        record.pack_into(mapping, RECORD * 8, k + 1, *([k] * 7))
+        struct.pack_into("<q", mapping, RECORD * 8, k + 2)
+        k += 2
+
+
+def record_reader(mapping: mmap.mmap, reads: int, results: multiprocessing.Queue[
+        tuple[int, int, int]]) -> None:
+    words = words_of(mapping)
+    accepted = unknown = mixed = 0
+    for _ in range(reads):
+        values = words.read(RECORD, layout.SLOT_WORDS, patience=0.5)
+        if values is None:
+            unknown += 1
+            continue
+        accepted += 1
+        if len(set(values[1:])) != 1 or values[1] == 0:  # no writer ever stores 0 there
+            mixed += 1
+    results.put((accepted, unknown, mixed))
+
+
+def word_reader(mapping: mmap.mmap, reads: int, results: multiprocessing.Queue[
+        tuple[int, int, int]]) -> None:
+    view = words_of(mapping).view
+    torn = 0
+    for _ in range(reads):
+        value = view[WORD]
+        if value % 0x0101010101010101 or not 0 <= value // 0x0101010101010101 <= 127:
+            torn += 1
+    results.put((reads, 0, torn))
+
+
+def hammer(tmp_path: Path, writer: Callable[..., None],
+           reader: Callable[..., None], reads: int) -> tuple[int, int, int]:
+    context = multiprocessing.get_context("fork")
+    mapping = shared_state(tmp_path / "hammer.state")
+    stop = context.Value("i", 0)
+    results: multiprocessing.Queue[tuple[int, int, int]] = context.Queue()
+    writing = context.Process(target=writer, args=(mapping, stop))
+    writing.start()
+    readers = [context.Process(target=reader, args=(mapping, reads // READERS, results))
+               for _ in range(READERS)]
+    for process in readers:
+        process.start()
+    totals = [results.get(timeout=300) for _ in readers]
+    stop.value = 1
+    for process in (*readers, writing):
+        process.join(timeout=30)
+    accepted, unknown, mixed = (sum(column) for column in zip(*totals, strict=True))
+    return accepted, unknown, mixed
+
+
+def test_no_mixed_record_is_ever_accepted(tmp_path: Path) -> None:
+    accepted, unknown, mixed = hammer(tmp_path, protocol_writer, record_reader, READS)
+    assert accepted + unknown == READS and accepted > READS // 2
+    assert mixed == 0, f"{mixed} mixed copies accepted out of {accepted}"
+
+
+def test_no_word_stored_without_the_lock_is_ever_torn(tmp_path: Path) -> None:
+    reads, _, torn = hammer(tmp_path, protocol_writer, word_reader, READS)
+    assert reads == READS and torn == 0, f"{torn} torn loads out of {reads}"
+
+
+def test_the_hammer_catches_records_written_with_pack_into(tmp_path: Path) -> None:
+    accepted, _, mixed = hammer(tmp_path, struct_writer, record_reader, 1_000_000)
+    assert mixed > 0, f"no mixed copy in {accepted} reads: the hammer is blind"
+
+
+def in_process_worker(tmp_path: Path) -> Worker:
+    """A registered, booted worker of this process, on a state file of its own."""
+    path = str(tmp_path / "in-process.state")
+    transactions = Transactions(open_for_server(path, SLOTS), _Log())
+    with transactions.bookkeeping("register", 1.0) as state:
+        add_generation(state, 0, 1)
+    worker = Worker(transactions, 1, Options(interval=60.0), server=None, worker=None)
+    worker.start()
+    worker.heartbeat.stop()  # this test beats by hand
+    return worker
+
+
+class _Log:
+    def info(self, msg: str, *args: object) -> None: ...
+    def warning(self, msg: str, *args: object) -> None: ...
+    def error(self, msg: str, *args: object) -> None: ...
+    def exception(self, msg: str, *args: object) -> None: ...
+
+
+def test_booted_never_overwrites_a_stamp_written_meanwhile(tmp_path: Path) -> None:
+    worker = in_process_worker(tmp_path)
+    assert worker.index is not None
+    view = worker.tx.state.words.view
+    at = layout.slot_at(worker.index) + S.HEARTBEAT
+    stop = threading.Event()
+    went_back = []
+
+    def stamp() -> None:  # the heartbeat's store, as fast as it goes
+        while not stop.is_set():
+            now = time.monotonic_ns()
+            before = view[at]
+            view[at] = now
+            if before > now:
+                went_back.append((before, now))
+
+    stamping = threading.Thread(target=stamp)
+    stamping.start()
+    try:
+        for _ in range(20_000):
+            seen = view[at]
+            worker.booted()
+            assert view[at] >= seen, "booted() wrote an older stamp back"
+    finally:
+        stop.set()
+        stamping.join()
+    assert not went_back
+    slot = worker.tx.state.slot(worker.index)
+    assert slot.flags & Flag.BOOTED
+
+
+def test_a_sweep_rechecks_a_stamp_before_it_declares_a_loss(tmp_path: Path) -> None:
+    state = state_of(bytearray(layout.new_file(SLOTS)))
+    now = time.monotonic_ns()
+    state.words[layout.slot_at(0) + S.HEARTBEAT] = now  # fresh, beaten after the sweep read
+    assert not _overran(state, 0, now - 10**10, 10**9), "an old copy is not the stamp"
+    state.words[layout.slot_at(0) + S.HEARTBEAT] = now - 10**10
+    assert _overran(state, 0, now - 10**10, 10**9)
+
+
+def test_the_sweep_deadline_is_one_word_that_moves_once_per_interval(tmp_path: Path) -> None:
+    worker = in_process_worker(tmp_path)
+    words = worker.tx.state.words
+    words[H.NEXT_SWEEP] = 0
+    worker._last = time.monotonic_ns()
+    worker.beat()
+    deadline = words[H.NEXT_SWEEP]
+    assert deadline > time.monotonic_ns() + 59 * 10**9, "due again one interval later"
+    for _ in range(100):
+        worker._last = time.monotonic_ns()
+        worker.beat()
+    assert words[H.NEXT_SWEEP] == deadline
