@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from types import FrameType
 from typing import Any
 
-from .errors import LifecycleError
+from .errors import LifecycleError, StateDamaged
 from .events import CallbackFailed
 from .lock import LockTimeout
 from .master import Master
@@ -134,8 +134,8 @@ def _guard(server: Any, hook: str) -> Iterator[None]:
         raise failed.error from None
     except LifecycleError as exc:
         server.log.error("gunicorn_lifecycle: %s", exc)
-        if hook == "on_starting":
-            raise
+        if hook == "on_starting" and not isinstance(exc, StateDamaged):
+            raise  # refused at start: Gunicorn does not start
         _switch_off()
     except LockTimeout as exc:
         server.log.error("gunicorn_lifecycle: %s", exc)

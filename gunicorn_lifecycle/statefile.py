@@ -26,7 +26,7 @@ import tempfile
 from collections.abc import Iterable
 
 from . import layout
-from .errors import LifecycleError
+from .errors import LifecycleError, StateDamaged
 from .protocol import Words
 
 _OPEN_FLAGS = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -101,12 +101,12 @@ class StateFile:
         size = os.fstat(self.fd).st_size
         if size != self.size:
             change = "truncated" if size < self.size else "grown"
-            raise LifecycleError(f"state file {self.path} was {change} from {self.size} to {size} "
+            raise StateDamaged(f"state file {self.path} was {change} from {self.size} to {size} "
                                  "bytes by another program "
                                  "while in use; the lifecycle is off in this process until the "
                                  "server restarts with an intact file")
         if self.words.view[: layout.H.SLOTS + 1].tolist() != self._header:
-            raise LifecycleError(f"state file {self.path}: its header was overwritten by another "
+            raise StateDamaged(f"state file {self.path}: its header was overwritten by another "
                                  "program while in use; the lifecycle is off in this process "
                                  "until the server restarts with an intact file")
 

@@ -6,6 +6,7 @@ import os
 import time
 from typing import Any
 
+from .errors import LifecycleError, StateDamaged
 from .heartbeat import Heartbeat
 from .layout import Flag, H, Reason, S, SlotState, slot_at
 from .lifecycle import (
@@ -98,10 +99,19 @@ class Worker:
         was frozen) judges nobody: the others may have been frozen as well.
         """
         if os.fstat(self._fd).st_size != self._size:  # truncated, the mapping would kill us
-            self.heartbeat.stop()
-            self.log.error("gunicorn_lifecycle: state file %s changed size under worker %s; its "
-                           "heartbeat stops", self.tx.file.path, self.pid)
+            self._stop(StateDamaged(f"state file {self.tx.file.path} changed size"))
             return
+        try:
+            self._beat()
+        except LifecycleError as exc:  # the file was overwritten: nothing here can be trusted
+            self._stop(exc)
+
+    def _stop(self, why: LifecycleError) -> None:
+        self.heartbeat.stop()
+        self.log.error("gunicorn_lifecycle: %s; the heartbeat of worker %s stops, the lifecycle "
+                       "is off in it", why, self.pid)
+
+    def _beat(self) -> None:
         view = self._view
         now = time.monotonic_ns()
         if view[self._owner_at] != self.token:

@@ -29,12 +29,18 @@ HOOKS = ("on_starting", "on_reload", "post_fork", "post_worker_init", "worker_ex
          "worker_abort", "child_exit", "on_exit")
 
 CONF = '''\
-import json, os, time
+{first}
+import json, os, subprocess, time
 import gunicorn_lifecycle
 
 RECORD = {record!r}
 RAISE = {raising!r}
 BLOCK = {block!r}
+PROBE = {probe!r}
+
+def _blocked(path):
+    with open(path) as status:
+        return next(line.split()[1] for line in status if line.startswith("SigBlk:"))
 
 def _record(name):
     def callback(event):
@@ -43,6 +49,10 @@ def _record(name):
             "n_next": event.n_next, "reason": event.reason, "generation": event.generation,
             "pid": event.pid, "in_pid": os.getpid(), "t": time.monotonic(),
             "has_server": event.server is not None, "has_worker": event.worker is not None,
+            **({{"sigblk": _blocked("/proc/thread-self/status"),  # of the thread, of a child
+                "child_sigblk": subprocess.run(["grep", "SigBlk", "/proc/self/status"],
+                                               capture_output=True, text=True).stdout.split()[1]}}
+               if PROBE else {{}}),
         }})
         fd = os.open(RECORD, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         os.write(fd, (line + "\\n").encode())
@@ -66,6 +76,22 @@ graceful_timeout = 10
 {settings}
 {hooks}
 '''
+
+
+def gunicorn_release(version: str) -> Path:
+    """A directory holding Gunicorn ``version`` alone, installed once beside this venv.
+
+    Put first on PYTHONPATH, it is the Gunicorn the console script imports (and a
+    USR2 re-exec too: it inherits the environment).
+    """
+    target = Path(sys.prefix) / f"gunicorn-{version}"
+    if not (target / "gunicorn").is_dir():
+        partial = Path(f"{target}.partial")
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+                        "--disable-pip-version-check", "--target", str(partial),
+                        f"gunicorn=={version}"], check=True, timeout=300)
+        partial.rename(target)
+    return target
 
 
 def wait_for(condition: Callable[[], Any], what: str, timeout: float = 15.0) -> Any:
@@ -98,10 +124,14 @@ class Server:
 
     def __init__(self, directory: Path, *, workers: int = 2, settings: str = "",
                  raising: tuple[str, ...] = (), block: dict[str, float] | None = None,
-                 hooks: tuple[str, ...] = HOOKS, record: bool = True,
-                 **options: Any) -> None:
+                 hooks: tuple[str, ...] = HOOKS, record: bool = True, gunicorn: str | None = None,
+                 first: str = "", probe: bool = False, **options: Any) -> None:
         """``record``: configure() with a recording callback for every event (else the
-        ``settings`` call configure() themselves, as README's recipes do)."""
+        ``settings`` call configure() themselves, as README's recipes do). ``gunicorn``: a
+        Gunicorn version to run instead of the installed one. ``first``: the config's first
+        lines. ``probe``: each callback also records the signals blocked in its thread and
+        in a process it starts."""
+        self.env = {"PYTHONPATH": str(gunicorn_release(gunicorn))} if gunicorn else {}
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
         self.record = directory / "events.jsonl"
@@ -112,7 +142,8 @@ class Server:
         options.setdefault("failed", 0.5)
         self.conf = directory / "gunicorn.conf.py"
         self.conf.write_text(CONF.format(
-            record=str(self.record), raising=raising, block=block or {},
+            first=first, probe=probe, record=str(self.record), raising=raising,
+            block=block or {},
             configure=(f"gunicorn_lifecycle.configure(**{{**{{name: _record(name) for name in "
                        f"{CALLBACKS!r}}}, **{options!r}}})" if record else ""),
             bind=f"unix:{self.sock}", control=str(directory / "ctl.sock"), workers=workers,
@@ -132,7 +163,7 @@ class Server:
                 [*prefix, GUNICORN, "-c", str(self.conf), "--pythonpath", str(self.pythonpath),
                  self.app],
                 cwd=self.directory, stdout=log, stderr=subprocess.STDOUT,
-                env={**os.environ, **(env or {})}, start_new_session=True)
+                env={**os.environ, **self.env, **(env or {})}, start_new_session=True)
         if wait_workers:
             self.wait_count("worker_start", wait_workers)
         return self
