@@ -43,6 +43,7 @@ def snapshot(words: Words, fd: int) -> dict[str, Any]:
     here = Here(State(words), fd)
     generations: dict[int, dict[str, Any]] = {}
     overruns: dict[int, int] = {}
+    namespaces: dict[int, int] = {}
     unknown = []
     for index in range(GENERATIONS):
         values = words.read(generation_at(index), GENERATION_WORDS)
@@ -55,7 +56,7 @@ def snapshot(words: Words, fd: int) -> dict[str, Any]:
         if gen.number in generations:
             raise LifecycleError(f"state file {words.path}: generation {gen.number} is recorded "
                                  "twice; stop the servers that use it and remove it")
-        overruns[gen.number] = gen.overrun
+        overruns[gen.number], namespaces[gen.number] = gen.overrun, gen.pidns
         generations[gen.number] = {
             "generation": gen.number,
             "master_pid": gen.master_pid,
@@ -85,6 +86,7 @@ def snapshot(words: Words, fd: int) -> dict[str, Any]:
             "heartbeat_age": round(age, 3),
             "late": not lost and age * 1e9 > overruns[slot.generation],
             "lost": slot.reason.text if lost else None,
+            "alive": here.alive(slot.pid, slot.started, namespaces[slot.generation]),
         })
     return {"state_file": words.path, "unknown": unknown,
             "generations": [generations[number] for number in sorted(generations)]}
