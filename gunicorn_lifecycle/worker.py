@@ -14,6 +14,7 @@ from .lifecycle import (
     Owed,
     WorkerExited,
     WorkerStarted,
+    close_dead,
     count_gone,
     free_slot,
     lose,
@@ -86,7 +87,8 @@ class Worker:
                 owed = self._leave(state)
             self.tx.deliver_all(owed)
             with self.tx.bookkeeping("exit", self.options.lock_timeout) as state:
-                self._release(state)
+                owed = self._release(state)
+            self.tx.deliver_all(owed)
         finally:
             self.heartbeat.stop()
 
@@ -206,7 +208,8 @@ class Worker:
             return lose(state, slot, Reason.TIMEOUT, False, self.options, self.server, self.worker)
         return [WorkerExited(self.index, self.token, self.options, self.server, self.worker)]
 
-    def _release(self, state: State) -> None:
+    def _release(self, state: State) -> list[Owed]:
+        """Free the slot; an orphan that finds its master dead first closes its generation."""
         assert self.index is not None
         slot = state.slot(self.index)
         if self._is_mine(slot) and slot.state != SlotState.FREE:
@@ -215,6 +218,10 @@ class Worker:
             state.release(self.index)
             retire_if_unused(state, slot.generation)  # the last orphan of a closed generation
         self.index = None
+        gen, here = state.generation(self.generation), Here(state, self._fd)
+        if gen is None or not gen.serving or here.master_alive(gen):
+            return []
+        return close_dead(state, gen, here, self.options, self.server)
 
     def _is_mine(self, slot: Slot) -> bool:
         return (slot.pid, slot.started) == (self.pid, self.started)

@@ -279,8 +279,8 @@ def check_record(events: list[dict[str, Any]], closed: bool = True,
     Each event's n_prev, n_mine and n_next must equal what the events before it
     imply, ``lineage`` ordering the generations; each generation gets exactly
     one master_start and at most one master_exit (with no worker left, but for
-    a "crash": orphans keep counting, and their generation stays present until
-    they are gone); each worker one end (worker_exit or worker_lost) per start
+    a master that died: its orphans keep counting, and their generation stays
+    present until they are gone); each worker one end (worker_exit or worker_lost) per start
     (a resumed worker starts again), all ended when ``closed``.
     """
     announced: set[int] = set()
@@ -317,7 +317,8 @@ def check_record(events: list[dict[str, Any]], closed: bool = True,
         assert e["n_next"] == (live[min(newer, key=lineage)] if newer else None), f"{where}: n_next"
         if cb == "master_exit":
             assert g in announced, f"{where}: closed twice"
-            assert e["reason"] == "crash" or live[g] == 0, f"{where}: closed with live workers"
+            died = e["in_pid"] != e["pid"]  # closed by whoever found its master dead
+            assert died or live[g] == 0, f"{where}: closed with live workers"
             announced.remove(g)
             closed_generations.add(g)
     if closed:

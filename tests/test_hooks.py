@@ -137,3 +137,39 @@ def _get(url: str) -> bytes | None:
             return bytes(response.read())
     except OSError:
         return None
+
+
+def test_two_configure_calls_in_one_config_stop_gunicorn_naming_both(server: Make,
+                                                                      tmp_path: Path) -> None:
+    helper = tmp_path / "lifecycle_helpers.py"  # a module of the user's, imported by the config
+    helper.write_text("import gunicorn_lifecycle\n"
+                      "gunicorn_lifecycle.configure(worker_lost=print)\n")
+    s = server(workers=1, settings=f"import sys\nsys.path.insert(0, {str(tmp_path)!r})\n"
+               "import lifecycle_helpers\n")
+    s.start()
+    s.wait_exit()
+    assert s.proc is not None and s.proc.returncode != 0
+    log = s.log_text()
+    assert "configure() was called twice while one config was loaded" in log
+    assert f"{s.conf}:" in log and f"{helper}:2" in log and "pass a list" in log
+    assert not s.events()
+
+
+def test_a_relative_state_file_survives_chdir_usr2_and_hup(server: Make, tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    s = server(workers=1, state_file="relative.state", settings=f"chdir = {str(elsewhere)!r}")
+    s.state_file = str(s.directory / "relative.state")  # beside the config file
+    s.start(wait_workers=1)
+    s.wait_booted()
+    s.signal(signal.SIGHUP)
+    s.wait_count("master_start", 1, reason="reload")
+    s.signal(signal.SIGUSR2)
+    upgrade = s.wait_count("master_start", 1, reason="upgrade")[0]
+    assert upgrade["n_prev"] == 1, "the new master found the old one's generation"
+    assert "state_file changed on reload" not in s.log_text()
+    assert os.path.exists(s.state_file) and not list(elsewhere.glob("*.state"))
+    s.signal(signal.SIGTERM, upgrade["in_pid"])
+    s.wait_exit(upgrade["in_pid"])
+    s.stop()
+    check_record(s.events())

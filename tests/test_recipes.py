@@ -100,3 +100,24 @@ def test_first_and_last_worker(server: Make, tmp_path: Path) -> None:
     assert [line.split()[0] for line in lines].count("last") == 2, lines
     generations = {line.split()[1].split("-")[0] for line in lines}
     assert len(generations) == 2, "one first and one last per generation"
+
+
+def test_recipes_combined_with_lists(server: Make, tmp_path: Path) -> None:
+    metrics, deploys = tmp_path / "metrics", tmp_path / "deploys.log"
+    metrics.mkdir()
+    (metrics / "counter_99999.db").write_bytes(b"left by a server that crashed")
+    s = recipe_server(server, "combined", 2)
+    s.app = "example_app.metrics:app"
+    s.start(env={"PROMETHEUS_MULTIPROC_DIR": str(metrics), "DEPLOY_LOG": str(deploys)})
+    wait_for(lambda: len(s.live_workers(s.pid)) == 2, "two workers")
+    assert not (metrics / "counter_99999.db").exists(), "the first master_start callback ran"
+    assert deploys.read_text().splitlines() == [
+        "migrated for generation 1 (start)"], "and so did the second"
+    for _ in range(10):
+        s.request()
+    victim = s.live_workers(s.pid)[0]
+    wait_for(lambda: (metrics / f"gauge_livesum_{victim}.db").exists(), "the victim's gauge")
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: not (metrics / f"gauge_livesum_{victim}.db").exists(),
+             "mark_process_dead from worker_lost")
+    s.stop()
