@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -261,6 +262,44 @@ class Server:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.pid, signal.SIGKILL)
         self.proc.wait()
+
+
+class Load:
+    """Client threads sending requests, one connection each: ``each`` apiece, or until stopped.
+
+    Every latency is kept, and every request that failed or did not answer 200.
+    """
+
+    def __init__(self, s: Server, clients: int = 4, each: int | None = None) -> None:
+        self.latencies: list[float] = []
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(s, each))
+                         for _ in range(clients)]
+        for thread in self._threads:
+            thread.start()
+
+    def _run(self, s: Server, each: int | None) -> None:
+        sent = 0
+        while not self._stop.is_set() and sent != each:
+            began = time.monotonic()
+            try:
+                if not s.request().startswith(b"HTTP/1.0 200"):
+                    self.failures.append("not 200")
+            except OSError as exc:
+                self.failures.append(repr(exc))
+            self.latencies.append(time.monotonic() - began)
+            sent += 1
+
+    def stop(self) -> Load:
+        """Stop sending (if not done already) and wait for the clients."""
+        self._stop.set()
+        return self.join()
+
+    def join(self) -> Load:
+        for thread in self._threads:
+            thread.join()
+        return self
 
 
 def alive(pid: int) -> bool:

@@ -122,25 +122,6 @@ def test_a_new_master_killed_during_an_upgrade_rolls_back_within_an_interval(
     check_record(s.events())
 
 
-def test_a_resumed_worker_is_announced_then_ends_once(server: Make) -> None:
-    s = server(workers=2, interval=0.2, failed=0.3, settings="timeout = 0").start(wait_workers=2)
-    s.wait_booted()
-    victim = s.events("worker_start")[0]["pid"]
-    os.kill(victim, signal.SIGSTOP)
-    try:
-        lost = s.wait_count("worker_lost", 1)[0]
-        assert lost["pid"] == victim and lost["reason"] == "heartbeat"
-    finally:
-        os.kill(victim, signal.SIGCONT)
-    resume = s.wait_count("worker_start", 1, pid=victim, reason="resume")[0]
-    assert resume["in_pid"] == victim and resume["n_mine"] == 2
-    assert "registered again" in s.log_text()
-    s.stop()
-    assert len(s.events("worker_exit", pid=victim)) == 1
-    assert len(s.events("worker_lost", pid=victim)) == 1
-    check_record(s.events())
-
-
 CLASSES = {"sync": "example_app.app:app", "gthread": "example_app.app:app",
            "gevent": "example_app.app:app", "uvicorn_worker.UvicornWorker":
            "example_app.app:asgi_app"}

@@ -9,7 +9,6 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from states import add_generation, add_worker, fresh, header_word, state_of, wri
 from gunicorn_lifecycle import layout
 from gunicorn_lifecycle.process import own_start_time, start_time
 from gunicorn_lifecycle.status import read_status
-from harness import REPO, Server, check_record, wait_for
+from harness import REPO, Load, Server, check_record, wait_for
 
 Make = Callable[..., Server]
 NOBODY = pwd.getpwnam("nobody")
@@ -261,21 +260,8 @@ def only_reason(events: list[dict[str, Any]]) -> str:
 def test_churn_under_load_keeps_exact_counts(server: Make) -> None:
     s = server(workers=4, settings="max_requests = 1", interval=0.1, failed=1.0)
     s.start(wait_workers=4)
-    errors: list[BaseException] = []
-
-    def client() -> None:
-        for _ in range(75):
-            try:
-                assert s.request().startswith(b"HTTP/1.0 200")
-            except BaseException as exc:
-                errors.append(exc)
-
-    clients = [threading.Thread(target=client) for _ in range(4)]
-    for thread in clients:
-        thread.start()
-    for thread in clients:
-        thread.join()
-    assert not errors, errors[:3]
+    load = Load(s, clients=4, each=75).join()
+    assert not load.failures, load.failures[:3]
 
     def listed_equals_live() -> bool:
         (gen,) = read_status(s.state_file)["generations"]

@@ -170,14 +170,16 @@ def test_stopped_worker_is_lost_by_heartbeat_and_comes_back(server: Make) -> Non
         assert victim not in registered_pids(s.state_file)
     finally:
         os.kill(victim, signal.SIGCONT)
-    wait_for(lambda: victim in registered_pids(s.state_file), "the resumed worker to register")
-    assert "registered again" in s.log_text()
+    resume = s.wait_count("worker_start", 1, pid=victim, reason="resume")[0]
+    assert resume["in_pid"] == victim and resume["n_mine"] == 2, "announced, counted again"
+    assert victim in registered_pids(s.state_file) and "registered again" in s.log_text()
     assert alive(victim)
     s.stop()
-    # Registered again, it counts again, and its own exit is reported (SPEC section 3's exception).
+    # Then again exactly one end: its own exit.
     assert len(s.events("worker_lost", pid=victim)) == 1
     assert len(s.events("worker_exit", pid=victim)) == 1
     assert [e["n_mine"] for e in s.events("worker_exit")] == [2, 1]
+    check_record(s.events())
 
 
 def test_ttin_ttou_and_max_requests_keep_counts(server: Make) -> None:

@@ -10,12 +10,10 @@ same run, with bare Gunicorn whose new master sleeps 10 s in its own
 from __future__ import annotations
 
 import signal
-import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
-from harness import Server, wait_for
+from harness import Load, Server, wait_for
 
 Make = Callable[..., Server]
 WORKERS = 4
@@ -43,33 +41,6 @@ def on_starting(server):
         time.sleep(10)
         os.close(os.open("slow-done", os.O_CREAT | os.O_WRONLY))
 """
-
-
-class Load:
-    """Client threads sending requests, one connection each, until stopped."""
-
-    def __init__(self, s: Server, clients: int = 4) -> None:
-        self.latencies: list[float] = []
-        self.failures: list[str] = []
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, args=(s,)) for _ in range(clients)]
-        for thread in self._threads:
-            thread.start()
-
-    def _run(self, s: Server) -> None:
-        while not self._stop.is_set():
-            began = time.monotonic()
-            try:
-                if not s.request().startswith(b"HTTP/1.0 200"):
-                    self.failures.append("not 200")
-            except OSError as exc:
-                self.failures.append(repr(exc))
-            self.latencies.append(time.monotonic() - began)
-
-    def stop(self) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join()
 
 
 def upgrade_under_load(s: Server) -> Load:

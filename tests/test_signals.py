@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from harness import Server, check_record, wait_for
+from harness import Load, Server, check_record, wait_for
 
 Make = Callable[..., Server]
 
@@ -64,21 +63,8 @@ def test_a_thread_in_the_master_with_churn_under_load(server: Make, version: str
                settings=A_THREAD_IN_THE_MASTER + "max_requests = 1\n")
     s.start(wait_workers=4)
     wait_for(lambda: len(os.listdir(f"/proc/{s.pid}/task")) >= 2, "the master's own thread")
-    errors: list[BaseException] = []
-
-    def client() -> None:
-        for _ in range(75):
-            try:
-                assert s.request().startswith(b"HTTP/1.0 200")
-            except BaseException as exc:
-                errors.append(exc)
-
-    clients = [threading.Thread(target=client) for _ in range(4)]
-    for thread in clients:
-        thread.start()
-    for thread in clients:
-        thread.join()
-    assert not errors, errors[:3]
+    load = Load(s, clients=4, each=75).join()
+    assert not load.failures, load.failures[:3]
     s.stop()
     log = s.log_text()
     if version:
