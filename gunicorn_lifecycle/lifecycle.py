@@ -33,14 +33,15 @@ from .state import Generation, Slot, State
 
 
 class Owed(Protocol):
-    """An event the state owes; ``take`` makes its effect and returns it, if still owed."""
+    """An event the state owes; ``take`` makes its effect and returns it, if still owed
+    (and ``tell``: a callback will be told)."""
 
     @property
     def callback(self) -> str: ...
     @property
     def options(self) -> Options: ...
 
-    def take(self, state: State) -> Event | None: ...
+    def take(self, state: State, tell: bool = True) -> Event | None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,12 +52,12 @@ class MasterStarted:
     server: Any
     callback: str = "master_start"
 
-    def take(self, state: State) -> Event | None:
+    def take(self, state: State, tell: bool = True) -> Event | None:
         gen = state.generation(self.number)
         if gen is None or not gen.serving or gen.announced:
             return None
         state.set_generation(gen.index, announced=1)
-        return _event(state, gen, str(gen.number), gen.master_pid, self.reason, self)
+        return _event(state, gen, str(gen.number), gen.master_pid, self.reason, self, tell)
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,11 +67,11 @@ class MasterExited:
     server: Any
     callback: str = "master_exit"
 
-    def take(self, state: State) -> Event | None:
+    def take(self, state: State, tell: bool = True) -> Event | None:
         gen = state.generation(self.number)
         if gen is None or gen.state != GenerationState.CLOSED or not gen.announced:
             return None
-        event = _event(state, gen, str(gen.number), gen.master_pid, gen.closed, self)
+        event = _event(state, gen, str(gen.number), gen.master_pid, gen.closed, self, tell)
         state.set_generation(gen.index, announced=0)
         retire_if_unused(state, gen.number)
         return event
@@ -86,14 +87,14 @@ class WorkerStarted:
     worker: Any = None
     callback: str = "worker_start"
 
-    def take(self, state: State) -> Event | None:
+    def take(self, state: State, tell: bool = True) -> Event | None:
         slot = state.slot(self.index)
         gen = state.generation(slot.generation)
         if slot.owner != self.token or slot.counted or gen is None:
             return None
         state.set_flags(self.index, slot.flags | Flag.COUNTED)
         reason = "resume" if self.resumed else "respawn" if gen.gone else "spawn"
-        return _event(state, gen, f"{gen.number}-{slot.pid}", slot.pid, reason, self)
+        return _event(state, gen, f"{gen.number}-{slot.pid}", slot.pid, reason, self, tell)
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,12 +106,12 @@ class WorkerExited:
     worker: Any = None
     callback: str = "worker_exit"
 
-    def take(self, state: State) -> Event | None:
+    def take(self, state: State, tell: bool = True) -> Event | None:
         slot = state.slot(self.index)
         gen = state.generation(slot.generation)
         if slot.owner != self.token or not slot.counted or gen is None:
             return None
-        event = _event(state, gen, f"{gen.number}-{slot.pid}", slot.pid, "exit", self)
+        event = _event(state, gen, f"{gen.number}-{slot.pid}", slot.pid, "exit", self, tell)
         state.set_flags(self.index, slot.flags & ~int(Flag.COUNTED))
         return event
 
@@ -129,7 +130,7 @@ class WorkerLost:
     worker: Any = None
     callback: str = "worker_lost"
 
-    def take(self, state: State) -> Event | None:
+    def take(self, state: State, tell: bool = True) -> Event | None:
         slot = state.slot(self.index)
         gen = state.generation(slot.generation)
         if slot.state != SlotState.LOST or (slot.pid, slot.started) != (self.pid, self.started):
@@ -137,7 +138,8 @@ class WorkerLost:
         event = None
         if slot.counted and gen is not None:
             state.set_flags(self.index, slot.flags & ~int(Flag.COUNTED))
-            event = _event(state, gen, f"{gen.number}-{slot.pid}", slot.pid, slot.reason, self)
+            event = _event(state, gen, f"{gen.number}-{slot.pid}", slot.pid, slot.reason, self,
+                           tell)
         if self.dead:
             state.release(self.index)
             retire_if_unused(state, slot.generation)
@@ -145,8 +147,11 @@ class WorkerLost:
 
 
 def _event(state: State, gen: Generation, event_id: str, pid: int, reason: Reason | str,
-           owed: MasterStarted | MasterExited | WorkerStarted | WorkerExited | WorkerLost
-           ) -> Event:
+           owed: MasterStarted | MasterExited | WorkerStarted | WorkerExited | WorkerLost,
+           tell: bool) -> Event | None:
+    """The event, counts read now; None when nobody is told (no callback): counts cost."""
+    if not tell:
+        return None
     n_prev, n_mine, n_next = counts(state, gen)
     text = reason.text if isinstance(reason, Reason) else reason
     return Event(event_id, n_prev, n_mine, n_next, text, gen.number, pid, owed.server,

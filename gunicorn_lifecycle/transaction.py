@@ -138,7 +138,7 @@ class Transactions:
         callbacks = options.callbacks(owed.callback)
         if not callbacks:
             with self.bookkeeping(owed.callback, options.lock_timeout) as state:
-                owed.take(state)
+                owed.take(state, tell=False)
             return
         try:
             with self.turn(owed.callback, options.lock_timeout):
@@ -154,7 +154,7 @@ class Transactions:
             self.log.error("gunicorn_lifecycle: %s; the %s callback is skipped, its event "
                            "counted", exc, owed.callback)
             with self.bookkeeping(owed.callback, options.lock_timeout) as state:
-                owed.take(state)
+                owed.take(state, tell=False)
 
     @contextmanager
     def turn(self, what: str, timeout: float) -> Iterator[None]:

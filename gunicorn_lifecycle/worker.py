@@ -100,7 +100,7 @@ class Worker:
         that itself came more than an overrun late (the machine or this process
         was frozen) judges nobody: the others may have been frozen as well.
         """
-        if os.fstat(self._fd).st_size != self._size:  # truncated, the mapping would kill us
+        if os.lseek(self._fd, 0, os.SEEK_END) != self._size:  # truncated: SIGBUS ahead
             self._stop(StateDamaged(f"state file {self.tx.file.path} changed size"))
             return
         try:
