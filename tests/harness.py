@@ -132,7 +132,9 @@ class Server:
         Gunicorn version to run instead of the installed one. ``first``: the config's first
         lines. ``probe``: each callback also records the signals blocked in its thread and
         in a process it starts."""
-        self.env = {"PYTHONPATH": str(gunicorn_release(gunicorn))} if gunicorn else {}
+        self.env = {"PYTHONPATH": os.pathsep.join(
+            [str(gunicorn_release(gunicorn)), *filter(None, [os.environ.get("PYTHONPATH")])])
+        } if gunicorn else {}
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
         self.record = directory / "events.jsonl"

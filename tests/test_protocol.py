@@ -36,12 +36,18 @@ READS = 10_000_000  # per kind, across the readers: a one-in-a-million tear show
 READERS = 2
 
 
+PATTERN = 0x0101010101010101  # a word whose eight bytes are all equal: a torn load shows
+
+
 def shared_state(path: Path) -> mmap.mmap:
-    """A state file whose hammered record was written once already (every word 1)."""
+    """A state file whose hammered record and word were written once already: no writer ever
+    stores 0 there, so a 0 read back is a torn read (or a field cleared before it was set)."""
     path.write_bytes(layout.new_file(SLOTS))
     with open(path, "r+b") as f:
         mapping = mmap.mmap(f.fileno(), 0)
-    words_of(mapping).change(RECORD, [(offset, 1) for offset in range(1, layout.SLOT_WORDS)])
+    words = words_of(mapping)
+    words.change(RECORD, [(offset, 1) for offset in range(1, layout.SLOT_WORDS)])
+    words[WORD] = PATTERN
     return mapping
 
 
@@ -54,19 +60,20 @@ def protocol_writer(mapping: mmap.mmap, stop: Synchronized[int]) -> None:
     k = 1
     while not stop.value:
         words.change(RECORD, [(offset, k) for offset in range(1, layout.SLOT_WORDS)])
-        # One store: a pattern whose eight bytes are all equal, so a torn load shows.
-        words[WORD] = 0x0101010101010101 * (k % 127 + 1)
+        words[WORD] = PATTERN * (k % 127 + 1)  # one store
         k += 1
 
 
 def struct_writer(mapping: mmap.mmap, stop: Synchronized[int]) -> None:
-    """Records as before: sequence made odd, then the whole record packed with pack_into."""
+    """Records and stamps as before: sequence made odd, then the whole record packed with
+    pack_into; the stamp packed with pack_into too."""
     k = 2
     record = struct.Struct("<8q")
     while not stop.value:
         struct.pack_into("<q", mapping, RECORD * 8, k + 1)
         record.pack_into(mapping, RECORD * 8, k + 1, *([k] * 7))
         struct.pack_into("<q", mapping, RECORD * 8, k + 2)
+        struct.pack_into("<q", mapping, WORD * 8, PATTERN * (k % 127 + 1))
         k += 2
 
 
@@ -91,7 +98,7 @@ def word_reader(mapping: mmap.mmap, reads: int, results: multiprocessing.Queue[
     torn = 0
     for _ in range(reads):
         value = view[WORD]
-        if value % 0x0101010101010101 or not 0 <= value // 0x0101010101010101 <= 127:
+        if value % PATTERN or not 1 <= value // PATTERN <= 127:
             torn += 1
     results.put((reads, 0, torn))
 
@@ -133,6 +140,11 @@ def test_no_word_stored_without_the_lock_is_ever_torn(tmp_path: Path) -> None:
 def test_the_hammer_catches_records_written_with_pack_into(tmp_path: Path) -> None:
     accepted, _, mixed = hammer(tmp_path, struct_writer, record_reader, 100_000)
     assert mixed > 0, f"no mixed copy in {accepted} reads: the hammer is blind"
+
+
+def test_the_hammer_catches_words_written_with_pack_into(tmp_path: Path) -> None:
+    reads, _, torn = hammer(tmp_path, struct_writer, word_reader, 1_000_000)
+    assert torn > 0, f"no torn load in {reads}: the hammer is blind"
 
 
 def in_process_worker(tmp_path: Path) -> Worker:
