@@ -91,7 +91,11 @@ def test_a_failed_upgrade_rolls_back_and_the_old_master_serves(server: Make,
     while not s.events("master_exit", generation=upgrade["generation"]):
         assert s.request().startswith(b"HTTP/1.0 200"), "the old master serves throughout"
     rollback = s.events("master_exit", generation=upgrade["generation"])[0]
-    assert rollback["reason"] == "rollback" and rollback["in_pid"] == upgrade["in_pid"]
+    assert rollback["reason"] == "rollback"
+    # Gunicorn 24+ can die in its own halt (a second boot error raises HaltServer inside
+    # stop()), skipping on_exit: then the old side closes the generation, still a rollback.
+    died = f"master {upgrade['in_pid']} died without on_exit" in s.log_text()
+    assert (rollback["in_pid"] != upgrade["in_pid"]) == died, s.log_tail(30)
     s.wait_exit(upgrade["in_pid"])
     (newest,) = read_status(s.state_file)["generations"]
     assert newest["master_pid"] == s.pid and newest["open"], "the old generation is newest"
