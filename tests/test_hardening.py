@@ -206,6 +206,8 @@ def test_privilege_drop_leaves_workers_no_way_to_truncate(shared_dir: Path) -> N
     # directory: the checkout may be in a private one (a clone in `mktemp -d`).
     app = shared_dir / "app"
     shutil.copytree(REPO / "example_app", app / "example_app")
+    for path in (app, *app.rglob("*")):  # copies keep the checkout's modes (umask 077 too)
+        path.chmod(0o755 if path.is_dir() else 0o644)
     for path in (app, app / "example_app", app / "example_app" / "app.py"):
         assert readable_by_nobody(path), f"{path} must be readable by nobody for this test"
     s = Server(shared_dir, workers=2, interval=0.2, failed=0.3,
