@@ -1,4 +1,8 @@
-"""``gunicorn-lifecycle status``: every master and worker on the node, read-only."""
+"""``gunicorn-lifecycle``: read the state of the instances on this node, and drive deploys.
+
+Exit status: 0 done, 1 failed (one line says what happened), 2 bad usage
+(including a state file or config that cannot be used).
+"""
 
 from __future__ import annotations
 
@@ -8,35 +12,140 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from . import deploy, prometheus
 from .errors import LifecycleError
-from .hooks import state_path_for_config
+from .statefile import default_directories, find_instances
 from .status import read_status
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="gunicorn-lifecycle",
-        description="Show what the Gunicorn masters and workers of one instance are doing.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    status = commands.add_parser(
-        "status", help="open generations, their masters and workers, heartbeat ages",
-        description="Read the state file without taking its lock and print it.")
-    where = status.add_mutually_exclusive_group()
-    where.add_argument("--state", metavar="PATH", help="the state file to read")
-    where.add_argument("-c", "--config", metavar="FILE",
-                       help="find the state file as the hooks do, from this Gunicorn config "
-                            "(default: ./gunicorn.conf.py if present, else Gunicorn's defaults)")
-    status.add_argument("--json", action="store_true", help="print one JSON object")
-    args = parser.parse_args(argv)
-
+    args = parser().parse_args(argv)
     try:
-        path = args.state or state_path_for_config(args.config)
-        report = read_status(path)
+        if args.command == "status":
+            return status(args)
+        path = one_instance(args)
     except LifecycleError as exc:
         print(f"gunicorn-lifecycle: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps(report) if args.json else render(report))
+    instance = deploy.Instance(path, progress if sys.stderr.isatty() else lambda line: None)
+    try:
+        if args.command == "check":
+            message = deploy.check(instance)
+        elif args.command == "wait":
+            message = deploy.wait(instance, args.timeout, args.closed)
+        else:
+            message = getattr(deploy, args.command)(instance, args.timeout)
+    except deploy.Failed as exc:
+        return report(args, path, False, str(exc))
+    return report(args, path, True, message)
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(
+        prog="gunicorn-lifecycle",
+        description="Show and drive the Gunicorn instances whose hooks use gunicorn_lifecycle.")
+    commands = top.add_subparsers(dest="command", required=True)
+    status = commands.add_parser(
+        "status", help="open generations, their masters and workers, heartbeat ages",
+        description="Read the state without taking its lock and print it. Without --state or "
+                    "-c: every instance in the default directory.")
+    where(status, "print one JSON object per instance (one per line)")
+    status.add_argument("--prometheus", action="store_true",
+                        help="print the Prometheus text format (node_exporter's textfile "
+                             "collector)")
+    for name, text in (
+        ("upgrade", "USR2 to the newest master, wait until its successor's generation is ready, "
+                    "then TERM it; if the new master dies or is not ready in time, TERM the new "
+                    "master and exit 1 with \"rolled back\""),
+        ("reload", "HUP to the newest master; wait until the new generation is ready and the "
+                   "one it superseded closed"),
+        ("wait", "wait until the newest generation is ready (--closed: until none is open)"),
+        ("check", "exit 0 if the newest generation's master runs, it is ready and its "
+                  "heartbeats are fresh; else 1 with the reason (a health probe)"),
+    ):
+        command = commands.add_parser(name, help=text, description=text[0].upper() + text[1:] +
+                                      ".")
+        where(command, "print the outcome as one JSON object")
+        if name != "check":
+            command.add_argument("--timeout", type=positive, default=120.0, metavar="SECONDS",
+                                 help="longest wait for each step (default: 120)")
+        if name == "wait":
+            command.add_argument("--closed", action="store_true",
+                                 help="wait until no generation is open (the server stopped)")
+    return top
+
+
+def where(command: argparse.ArgumentParser, json_help: str) -> None:
+    group = command.add_mutually_exclusive_group()
+    group.add_argument("--state", metavar="PATH", help="the instance's state file")
+    group.add_argument("-c", "--config", metavar="FILE",
+                       help="find the state file as the hooks do, from this Gunicorn config "
+                            "(it is executed, the application is not loaded)")
+    command.add_argument("--json", action="store_true", help=json_help)
+
+
+def positive(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text}")
+    return value
+
+
+def paths(args: argparse.Namespace) -> list[str]:
+    if args.state:
+        return [args.state]
+    if args.config:
+        from .hooks import state_path_for_config  # Gunicorn's config: only when asked for
+
+        return [state_path_for_config(args.config)]
+    found = find_instances()
+    if not found:
+        raise LifecycleError(f"no state file in {', '.join(dict.fromkeys(default_directories()))}"
+                             "; pass --state PATH or -c gunicorn.conf.py (the master logs its "
+                             "state file at start)")
+    return found
+
+
+def one_instance(args: argparse.Namespace) -> str:
+    """The instance a command drives: the one given, or the only one found running."""
+    found = paths(args)
+    running = [p for p in found if _serves(p)]
+    if len(running) == 1 or (len(found) == 1 and not running):
+        return (running or found)[0]
+    raise LifecycleError(f"{len(running) or len(found)} instances found "
+                         f"({', '.join(running or found)}); pass --state PATH or -c "
+                         "gunicorn.conf.py to choose one")
+
+
+def _serves(path: str) -> bool:
+    try:
+        return deploy.newest(read_status(path)) is not None
+    except LifecycleError:
+        return False
+
+
+def status(args: argparse.Namespace) -> int:
+    reports = [read_status(path) for path in paths(args)]
+    if args.prometheus:
+        print(prometheus.render(reports), end="")
+    elif args.json:
+        print("\n".join(json.dumps(r) for r in reports))
+    else:
+        print("\n\n".join(render(r) for r in reports))
     return 0
+
+
+def progress(line: str) -> None:
+    print(f"gunicorn-lifecycle: {line}", file=sys.stderr, flush=True)
+
+
+def report(args: argparse.Namespace, path: str, ok: bool, message: str) -> int:
+    if args.json:
+        print(json.dumps({"command": args.command, "ok": ok, "message": message,
+                          "state_file": path}))
+    else:
+        print(message, file=sys.stdout if ok else sys.stderr)
+    return 0 if ok else 1
 
 
 def render(report: dict[str, Any]) -> str:
@@ -45,10 +154,10 @@ def render(report: dict[str, Any]) -> str:
     workers = late = 0
     for gen in report["generations"]:
         state = (f"closed ({gen['closed']})" if gen["closed"] else
-                 "closing" if gen["closing"] else "open")
+                 "closing" if gen["closing"] else "ready" if gen["ready"] else "starting")
         master = "" if gen["master_alive"] is not False else " (master gone)"
         lines += ["", f"generation {gen['generation']}  master {gen['master_pid']}{master}  "
-                      f"reason {gen['reason']}  {state}",
+                      f"reason {gen['reason']}  {state}  target {gen['target']}",
                   f"  {'pid':>8}  {'id':<16}  {'booted':<6}  heartbeat"]
         for w in gen["workers"]:
             flag = f"  LOST ({w['lost']})" if w["lost"] else "  LATE" if w["late"] else ""

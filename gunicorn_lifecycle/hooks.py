@@ -27,7 +27,7 @@ from .transaction import Transactions
 from .worker import Worker
 
 HOOKS = ("on_starting", "on_reload", "post_fork", "post_worker_init", "worker_exit",
-         "worker_abort", "child_exit", "on_exit")
+         "worker_abort", "child_exit", "nworkers_changed", "on_exit")
 # Gunicorn executes its config file as a module of this name.
 _CONFIG_MODULE = "__config__"
 
@@ -51,6 +51,7 @@ def configure(
     *,
     master_start: Callbacks = None,
     master_exit: Callbacks = None,
+    master_ready: Callbacks = None,
     worker_start: Callbacks = None,
     worker_exit: Callbacks = None,
     worker_lost: Callbacks = None,
@@ -77,7 +78,7 @@ def configure(
             f"and at {site}; call it once, and pass a list where callbacks should combine "
             "(worker_exit=[first, second])")
     options = Options.build(
-        {"master_start": master_start, "master_exit": master_exit,
+        {"master_start": master_start, "master_exit": master_exit, "master_ready": master_ready,
          "worker_start": worker_start, "worker_exit": worker_exit, "worker_lost": worker_lost},
         state_file, os.path.dirname(os.path.abspath(config.get("__file__") or "x")),
         interval, failed, lock_timeout, on_error, slots)
@@ -95,32 +96,37 @@ def _config_namespace(frame: FrameType) -> dict[str, Any]:
     return found
 
 
-def state_path_for_config(config_file: str | None) -> str:
+def state_path_for_config(config_file: str) -> str:
     """The state file the hooks use when Gunicorn runs with ``config_file``.
 
-    The config file is executed as Gunicorn would: its ``configure()`` call
-    gives ``state_file``, its ``bind`` the default path. Without a config file,
-    Gunicorn's defaults apply (``./gunicorn.conf.py`` if there is one).
+    The config file is executed as Gunicorn executes it (the application is
+    not loaded): its ``configure()`` call gives ``state_file``, its ``bind``
+    the default path.
     """
-    import runpy  # here, not at the top: only the status command needs it, never a worker
+    import runpy  # here, not at the top: only the command line needs it, never a worker
 
-    from gunicorn.config import Config, get_default_config_file
+    from gunicorn.config import Config
 
-    config_file = config_file or get_default_config_file()
+    if not os.path.isfile(config_file):
+        raise LifecycleError(f"config file {config_file} does not exist")
     cfg = Config()
     _here.configured = _here.loading = None
-    if config_file is not None:
-        if not os.path.isfile(config_file):
-            raise LifecycleError(f"config file {config_file} does not exist")
-        try:
-            namespace = runpy.run_path(config_file)
-            if "bind" in namespace:
-                cfg.set("bind", namespace["bind"])
-        except LifecycleError:
-            raise
-        except Exception as exc:
-            raise LifecycleError(f"config file {config_file} failed to load: "
-                                 f"{type(exc).__name__}: {exc}") from None
+    instead = ("; or pass --state PATH instead of -c (the master logs its state file at "
+               "start)")
+    try:
+        namespace = runpy.run_path(config_file, run_name=_CONFIG_MODULE)
+        if "bind" in namespace:
+            cfg.set("bind", namespace["bind"])
+    except LifecycleError as exc:
+        raise LifecycleError(f"{exc}{instead}") from None
+    except Exception as exc:
+        missing = exc.args[0] if isinstance(exc, KeyError) and exc.args else None
+        if isinstance(missing, str) and missing not in os.environ:  # os.environ["..."]
+            raise LifecycleError(f"config file {config_file} reads the environment variable "
+                                 f"{missing}, which is not set here: set it as the server has "
+                                 f"it{instead}") from None
+        raise LifecycleError(f"config file {config_file} failed to load: "
+                             f"{type(exc).__name__}: {exc}{instead}") from None
     options = _here.configured
     return (options.state_file if options else None) or default_path(cfg.bind)
 
@@ -257,6 +263,14 @@ def child_exit(server: Any, worker: Any) -> None:
     if master is not None and master.generations:
         with _guard(server, "child_exit"):
             master.reaped(worker.pid, worker)
+
+
+def nworkers_changed(server: Any, new_value: int, old_value: int | None) -> None:
+    """TTIN/TTOU changed the master's worker count: the current generation's target."""
+    master = _here.master
+    if master is not None and master.generations:
+        with _guard(server, "nworkers_changed"):
+            master.follow_workers(new_value)
 
 
 def on_exit(server: Any) -> None:

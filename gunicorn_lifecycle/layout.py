@@ -3,12 +3,14 @@
 The file is an array of aligned, little-endian 64-bit words, so that every field
 can be loaded and stored with one machine access (see :mod:`protocol`)::
 
-    header        32 words   magic, version, capacities, node-wide counters
-    generations   16 words each, GENERATIONS of them
+    header        80 words   magic, version, capacities, node-wide words, tallies
+    generations   24 words each, GENERATIONS of them
     slots          8 words each, one per worker (the capacity chosen at creation)
 
 Each generation and slot record starts with a sequence word (:mod:`protocol`).
-Header words from 16 on are reserved: zero, and ignored by this version.
+Header words 16 to 31 are reserved: zero, and ignored by this version. The
+tallies (from word 32) count, per reason, the generations opened and closed and
+the workers lost since the file was made, for monitoring.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from .errors import LifecycleError
 
 WORD = 8
 MAGIC = int.from_bytes(b"GUNILIFE", "little")
-VERSION = 2
+VERSION = 3
 GENERATIONS = 32
 
 
@@ -41,9 +43,12 @@ class H(enum.IntEnum):
     TURN_STARTED = 13
     TURN_WHAT = 14
     RESTART_DUE = 15  # a crash closed the last open generation: the next start is "restart"
+    OPENED_TALLY = 32  # 16 words: generations opened, indexed by Reason
+    CLOSED_TALLY = 48  # 16 words: generations closed, by Reason
+    LOST_TALLY = 64  # 16 words: workers lost, by Reason
 
 
-HEADER_WORDS = 32
+HEADER_WORDS = 80
 
 
 class G(enum.IntEnum):
@@ -65,9 +70,12 @@ class G(enum.IntEnum):
     OPENED_AT = 13  # wall clock, ns since the epoch
     OVERRUN = 14  # ns a heartbeat of its workers may age: interval + failed
     CLOSED_AT = 15  # monotonic ns when its close was decided
+    TARGET = 16  # the master's worker count (Gunicorn's num_workers), followed on TTIN/TTOU
+    READY = 17  # Readiness
+    READY_AT = 18  # monotonic ns when it was found ready
 
 
-GENERATION_WORDS = 16
+GENERATION_WORDS = 24
 
 
 class S(enum.IntEnum):
@@ -91,6 +99,14 @@ class GenerationState(enum.IntEnum):
     OPEN = 1  # its master serves it
     SUPERSEDED = 2  # a HUP opened a newer one in the same master; it closes with its last worker
     CLOSED = 3  # its close is decided; kept while a slot still refers to it
+
+
+class Readiness(enum.IntEnum):
+    """Whether a generation's booted workers have reached its target (SPEC section 8)."""
+
+    NOT_YET = 0
+    READY = 1  # found ready; its master_ready is owed
+    TOLD = 2  # its master_ready was delivered
 
 
 class SlotState(enum.IntEnum):

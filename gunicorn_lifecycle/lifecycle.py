@@ -19,16 +19,14 @@ that the process which found it never made.
 
 from __future__ import annotations
 
-import functools
 import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from .events import Event
-from .layout import Flag, GenerationState, H, Reason, S, SlotState, slot_at
-from .lock import is_present
+from .layout import Flag, GenerationState, H, Readiness, Reason, S, SlotState, slot_at
+from .liveness import Here
 from .options import Options
-from .process import boot_id, is_alive, pid_namespace
 from .state import Generation, Slot, State
 
 
@@ -75,6 +73,26 @@ class MasterExited:
         state.set_generation(gen.index, announced=0)
         retire_if_unused(state, gen.number)
         return event
+
+
+@dataclass(frozen=True, slots=True)
+class MasterReady:
+    """``worker``: Gunicorn's object of the worker whose boot made the generation ready."""
+
+    number: int
+    options: Options
+    server: Any
+    worker: Any = None
+    callback: str = "master_ready"
+
+    def take(self, state: State, tell: bool = True) -> Event | None:
+        gen = state.generation(self.number)
+        if gen is None or gen.ready != Readiness.READY:
+            return None
+        state.set_generation(gen.index, ready=Readiness.TOLD)
+        if not (gen.serving and gen.announced):  # nobody saw it start: nobody hears it ready
+            return None
+        return _event(state, gen, str(gen.number), gen.master_pid, gen.opened, self, tell)
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,7 +165,8 @@ class WorkerLost:
 
 
 def _event(state: State, gen: Generation, event_id: str, pid: int, reason: Reason | str,
-           owed: MasterStarted | MasterExited | WorkerStarted | WorkerExited | WorkerLost,
+           owed: MasterStarted | MasterExited | MasterReady | WorkerStarted | WorkerExited
+           | WorkerLost,
            tell: bool) -> Event | None:
     """The event, counts read now; None when nobody is told (no callback): counts cost."""
     if not tell:
@@ -171,39 +190,11 @@ def counts(state: State, mine: Generation) -> tuple[int | None, int, int | None]
     )
 
 
-class Here:
-    """Where this process judges liveness from: its boot, pid namespace and descriptor.
-
-    A master is alive while the kernel holds its presence lock (:mod:`lock`); a
-    worker while its pid runs with the recorded start time, which only a process
-    of the same boot and pid namespace can tell.
-    """
-
-    def __init__(self, state: State, fd: int) -> None:
-        self.same_boot = (state.header(H.BOOT_ID), state.header(H.BOOT_ID + 1)) == _boot()
-        self.pidns = _pidns()
-        self.fd = fd
-
-    def alive(self, pid: int, started: int, pidns: int) -> bool | None:
-        """Whether the recorded process runs; None when it is another namespace's to judge."""
-        if not self.same_boot:
-            return False
-        if pidns != self.pidns:
-            return None
-        return is_alive(pid, started)
-
-    def master_alive(self, gen: Generation) -> bool:
-        return self.same_boot and is_present(self.fd, gen.index)
-
-
-_boot = functools.cache(boot_id)
-_pidns = functools.cache(pid_namespace)
-
-
 def lose(state: State, slot: Slot, reason: Reason, dead: bool, options: Options, server: Any,
          worker: Any = None) -> list[Owed]:
     """A registered worker is gone without a word (or too late): it is lost for ``reason``."""
     state.lose(slot.index, reason, time.monotonic_ns())
+    state.tally(H.LOST_TALLY, reason)
     count_gone(state, slot.generation)
     return [WorkerLost(slot.index, slot.pid, slot.started, dead, options, server, worker)]
 
@@ -234,6 +225,7 @@ def close(state: State, gen: Generation, reason: Reason, options: Options, serve
     """Close ``gen``: the losses of it still owed, then its master_exit."""
     state.set_generation(gen.index, closed=reason, closed_at=time.monotonic_ns(),
                          state=GenerationState.CLOSED)
+    state.tally(H.CLOSED_TALLY, reason)
     if not gen.announced:
         retire_if_unused(state, gen.number)  # its master_start was never delivered: no exit
     return owed_by(state, gen, options, server)
@@ -267,6 +259,29 @@ def close_dead(state: State, gen: Generation, here: Here, options: Options, serv
     ):
         state.set_header(H.RESTART_DUE, 1)
     return owed + close(state, gen, reason, options, server)
+
+
+def booted(state: State, number: int) -> int:
+    """Registered workers of generation ``number`` that finished booting."""
+    return sum(1 for gen, st, flags in zip(state.slot_column(S.GENERATION),
+                                           state.slot_column(S.STATE),
+                                           state.slot_column(S.FLAGS), strict=True)
+               if gen == number and st == SlotState.REGISTERED and flags & Flag.BOOTED)
+
+
+def ready_if_complete(state: State, number: int, options: Options, server: Any,
+                      worker: Any = None) -> list[Owed]:
+    """Mark an open generation ready the first time its booted workers reach its target.
+
+    Its master_ready is owed from then on; whoever made the change delivers it.
+    """
+    gen = state.generation(number)
+    if gen is None or gen.state != GenerationState.OPEN or gen.ready != Readiness.NOT_YET:
+        return []
+    if not 0 < gen.target <= booted(state, number):
+        return []
+    state.set_generation(gen.index, ready=Readiness.READY, ready_at=time.monotonic_ns())
+    return [MasterReady(number, options, server, worker)]
 
 
 def retire_if_unused(state: State, number: int) -> None:
@@ -330,6 +345,8 @@ def sweep(state: State, here: Here, options: Options, server: Any) -> list[Owed]
         elif lost_for_good(slot, of, here):
             state.release(slot.index)
     for gen in state.generations():
+        if gen.ready == Readiness.READY and time.monotonic_ns() - gen.ready_at > gen.overrun:
+            owed.append(MasterReady(gen.number, options, server))  # its finder never told
         if gen.state != GenerationState.CLOSED:
             continue
         if not gen.announced:

@@ -1,4 +1,4 @@
-"""The kernel's locks on the state file: the state lock, and each master's presence.
+"""The state lock: mutual exclusion over the state file, node-wide.
 
 **The state lock** is a ``flock`` on the state file itself, taken through this
 process's own descriptor. Tying it to the state file (not to a lock file beside
@@ -15,21 +15,11 @@ holding it take it again on its way out, instead of waiting for itself.
 A process that waited out ``lock_timeout`` once only tries the lock, without
 waiting, until it has it again: a lock held forever (a process frozen while it
 held it) costs each process one timeout, not one per hook call.
-
-**A master's presence** is a shared (read) lock on one byte past the end of the
-file, one byte per generation record, held for as long as the master serves
-that generation. The kernel drops it when the master dies, whatever killed it,
-so whether a master lives is told by the kernel, not by ``/proc``: a pid of
-another pid namespace, a ``/proc`` mounted with ``hidepid``, or a reused pid
-cannot fool it. These are open-file-description (OFD) byte-range locks,
-independent of the flock.
 """
 
 from __future__ import annotations
 
-import fcntl
 import os
-import struct
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -41,9 +31,6 @@ from . import threads
 
 _FIRST_POLL = 0.0001
 _LAST_POLL = 0.005
-# struct flock: l_type, l_whence, l_start, l_len, l_pid (native layout and alignment).
-_FLOCK = struct.Struct("hhqqi")
-PRESENCE_AT = 1 << 40  # the first presence byte: far past any state file's data
 
 
 class LockTimeout(Exception):
@@ -100,16 +87,3 @@ class StateLock:
         self._stalled = timeout > 0
         return LockTimeout(f"gave up on {what} in pid {os.getpid()} after {timeout:.1f}s: the "
                            f"state lock on {self.file.path} is held by {holder()}")
-
-
-def show_presence(fd: int, index: int, present: bool) -> None:
-    """Hold (or drop) this process's presence lock for generation record ``index``."""
-    kind = fcntl.F_RDLCK if present else fcntl.F_UNLCK
-    fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _FLOCK.pack(kind, os.SEEK_SET, PRESENCE_AT + index, 1, 0))
-
-
-def is_present(fd: int, index: int) -> bool:
-    """Whether another open file description holds the presence lock of record ``index``."""
-    probe = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, PRESENCE_AT + index, 1, 0)
-    found = _FLOCK.unpack(fcntl.fcntl(fd, fcntl.F_OFD_GETLK, probe))
-    return bool(found[0] != fcntl.F_UNLCK)

@@ -13,9 +13,8 @@ from collections import Counter
 from typing import Any
 
 from .errors import LifecycleError
-from .layout import GenerationState, H, Reason, SlotState
+from .layout import GenerationState, H, Readiness, Reason, SlotState
 from .lifecycle import (
-    Here,
     MasterStarted,
     Owed,
     WorkerLost,
@@ -24,9 +23,10 @@ from .lifecycle import (
     exit_reason,
     lose,
     owed_by,
+    ready_if_complete,
     retire_if_unused,
 )
-from .lock import show_presence
+from .liveness import Here, show_presence
 from .options import Options
 from .process import boot_id, own_start_time, pid_namespace
 from .state import Generation, State
@@ -76,6 +76,14 @@ class Master:
     def reaped(self, pid: int, worker: Any) -> None:
         """A worker of ours is gone: if it never deregistered, it is lost."""
         self.tx.perform("reap", lambda state: self._reap(state, pid, worker),
+                        self.options.lock_timeout)
+
+    def follow_workers(self, target: int) -> None:
+        """TTIN/TTOU (Gunicorn's num_workers changed): the current generation's target.
+
+        Fewer workers may complete a generation's readiness: then it is ready now.
+        """
+        self.tx.perform("target", lambda state: self._follow(state, target),
                         self.options.lock_timeout)
 
     def exit(self) -> None:
@@ -166,6 +174,13 @@ class Master:
                                        self.generations[slot.generation], self.server, worker))
         return owed + self._close_drained(state)
 
+    def _follow(self, state: State, target: int) -> list[Owed]:
+        gen = state.generation(self.current)
+        if gen is None or gen.state != GenerationState.OPEN:
+            return []
+        state.set_generation(gen.index, target=target)
+        return ready_if_complete(state, gen.number, self.options, self.server)
+
     def _exit(self, state: State) -> list[Owed]:
         here = Here(state, self.tx.file.fd)
         owed: list[Owed] = []
@@ -192,7 +207,9 @@ class Master:
             index, number=number, opened=reason, closed=Reason.NONE, announced=0,
             master_pid=self.pid, master_started=self.started, pidns=self.pidns,
             parent_pid=self.parent_pid, parent_started=self.parent_started, depth=self.depth,
-            gone=0, opened_at=time.time_ns(), overrun=int(options.overrun * 1e9), closed_at=0)
+            gone=0, opened_at=time.time_ns(), overrun=int(options.overrun * 1e9), closed_at=0,
+            target=self.server.num_workers, ready=Readiness.NOT_YET, ready_at=0)
+        state.tally(H.OPENED_TALLY, reason)
         show_presence(self.tx.file.fd, index, True)
         self.generations[number] = options
         self.current = number

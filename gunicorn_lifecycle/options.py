@@ -16,7 +16,8 @@ if TYPE_CHECKING:
 Callback = Callable[["Event"], object]
 Callbacks = Callback | Sequence[Callback] | None
 OnError = Literal["log", "raise"]
-CALLBACKS = ("master_start", "master_exit", "worker_start", "worker_exit", "worker_lost")
+CALLBACKS = ("master_start", "master_exit", "master_ready", "worker_start", "worker_exit",
+             "worker_lost")
 
 
 @dataclass(frozen=True)

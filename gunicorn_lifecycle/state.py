@@ -1,5 +1,8 @@
 """The records of the state file, typed, and every change to them in a crash-safe order.
 
+Records are named tuples, not dataclasses: the command line reads them too, and
+a health probe should not pay dataclasses' import.
+
 Reads and changes here are for lock holders (``read_*`` for lock-free readers).
 Each change stores the word that commits it last (a slot's state, a
 generation's state), so that a writer stopped half-way, by a kill or by an
@@ -10,7 +13,7 @@ before, or already what it was going to mean (see :mod:`protocol`).
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .errors import LifecycleError
 from .layout import (
@@ -24,6 +27,7 @@ from .layout import (
     G,
     GenerationState,
     H,
+    Readiness,
     Reason,
     S,
     SlotState,
@@ -33,9 +37,8 @@ from .layout import (
 from .protocol import Words
 
 
-@dataclass(frozen=True, slots=True)
-class Generation:
-    index: int
+class Generation(NamedTuple):
+    index: int  # type: ignore[assignment]  # the record's place; tuple.index is not used
     number: int
     state: GenerationState
     opened: Reason
@@ -51,6 +54,9 @@ class Generation:
     opened_at: int
     overrun: int
     closed_at: int
+    target: int
+    ready: Readiness
+    ready_at: int
 
     @property
     def serving(self) -> bool:
@@ -63,9 +69,8 @@ class Generation:
         return self.depth, self.number
 
 
-@dataclass(frozen=True, slots=True)
-class Slot:
-    index: int
+class Slot(NamedTuple):
+    index: int  # type: ignore[assignment]  # the slot's place; tuple.index is not used
     owner: int
     state: SlotState
     generation: int
@@ -117,6 +122,10 @@ class State:
 
     def set_header(self, word: int, value: int) -> None:
         self.words[word] = value
+
+    def tally(self, table: H, reason: Reason) -> None:
+        """Count one more generation opened or closed, or worker lost, for ``reason``."""
+        self.words[table + reason] += 1
 
     # generations
 
@@ -215,12 +224,13 @@ def decode_generation(index: int, words: list[int], path: str) -> Generation:
             Reason(words[G.CLOSED]), _bit(words[G.ANNOUNCED]), words[G.MASTER_PID],
             words[G.MASTER_STARTED], words[G.PIDNS], words[G.PARENT_PID],
             words[G.PARENT_STARTED], words[G.DEPTH], words[G.GONE], words[G.OPENED_AT],
-            words[G.OVERRUN], words[G.CLOSED_AT])
+            words[G.OVERRUN], words[G.CLOSED_AT], words[G.TARGET], Readiness(words[G.READY]),
+            words[G.READY_AT])
     except ValueError:
         raise _corrupt(path, f"generation record {index}") from None
     if record.state != GenerationState.FREE and (
         record.number < 1 or record.master_pid < 1 or record.opened == Reason.NONE
-        or record.depth < 0 or record.overrun < 0
+        or record.depth < 0 or record.overrun < 0 or record.target < 0
     ):
         raise _corrupt(path, f"generation record {index}")
     return record

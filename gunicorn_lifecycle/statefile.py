@@ -17,12 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import mmap
 import os
 import stat
 import sys
-import tempfile
 from collections.abc import Iterable
 
 from . import layout
@@ -38,6 +36,8 @@ def default_directories() -> list[str]:
     systemd's ``RuntimeDirectory=`` (``$RUNTIME_DIRECTORY``), the user's
     ``$XDG_RUNTIME_DIR``, or a private directory under the temporary directory.
     """
+    import tempfile  # here: a health probe given --state never needs it
+
     found = []
     if os.environ.get("RUNTIME_DIRECTORY"):
         found.append(os.environ["RUNTIME_DIRECTORY"].split(":")[0])
@@ -53,8 +53,21 @@ def default_path(bind: Iterable[str]) -> str:
     The format version is part of the name: a server of another version of this
     library never meets a file it cannot read.
     """
+    import hashlib  # here: a health probe given --state never needs it
+
     digest = hashlib.sha256("\n".join(sorted(bind)).encode()).hexdigest()[:16]
     return os.path.join(default_directories()[0], f"{digest}-v{layout.VERSION}.state")
+
+
+def find_instances() -> list[str]:
+    """The state files of this version in every default directory: one per instance."""
+    suffix = f"-v{layout.VERSION}.state"
+    found = []
+    for directory in dict.fromkeys(default_directories()):
+        with contextlib.suppress(OSError):
+            found += sorted(os.path.join(directory, name) for name in os.listdir(directory)
+                            if name.endswith(suffix))
+    return found
 
 
 def make_default_directory(directory: str) -> None:

@@ -17,12 +17,14 @@ from .layout import (
     GENERATIONS,
     SLOT_WORDS,
     GenerationState,
+    H,
+    Readiness,
     Reason,
     SlotState,
     generation_at,
     slot_at,
 )
-from .lifecycle import Here
+from .liveness import Here
 from .protocol import Words
 from .state import State, decode_generation, decode_slot
 from .statefile import open_for_reading
@@ -63,7 +65,10 @@ def snapshot(words: Words, fd: int) -> dict[str, Any]:
             "parent_pid": gen.parent_pid,
             "opened_at": gen.opened_at / 1e9,
             "reason": gen.opened.text,
+            "depth": gen.depth,
             "open": gen.serving,
+            "ready": gen.ready != Readiness.NOT_YET,
+            "target": gen.target,
             "closing": gen.state == GenerationState.SUPERSEDED,
             "closed": None if gen.closed == Reason.NONE else gen.closed.text,
             "master_alive": here.master_alive(gen),
@@ -89,4 +94,24 @@ def snapshot(words: Words, fd: int) -> dict[str, Any]:
             "alive": here.alive(slot.pid, slot.started, namespaces[slot.generation]),
         })
     return {"state_file": words.path, "unknown": unknown,
-            "generations": [generations[number] for number in sorted(generations)]}
+            "generations": [generations[number] for number in sorted(generations)],
+            "seen": seen(words)}
+
+
+# What the tallies count, and for which reasons (SPEC section 4).
+TALLIES = {
+    "master_start": (H.OPENED_TALLY, (Reason.START, Reason.RESTART, Reason.RELOAD,
+                                      Reason.UPGRADE)),
+    "master_exit": (H.CLOSED_TALLY, (Reason.STOP, Reason.RELOAD, Reason.UPGRADE,
+                                     Reason.ROLLBACK, Reason.CRASH)),
+    "worker_lost": (H.LOST_TALLY, (Reason.CRASH, Reason.HEARTBEAT, Reason.TIMEOUT)),
+}
+
+
+def seen(words: Words) -> dict[str, dict[str, int]]:
+    """Generations opened and closed, workers lost, by reason, since the file was made.
+
+    Each tally is one word, loaded once: a count, never a torn one.
+    """
+    return {event: {reason.text: words[table + reason] for reason in reasons}
+            for event, (table, reasons) in TALLIES.items()}

@@ -38,7 +38,8 @@ from .state import State
 from .statefile import StateFile
 
 WHAT = ("", "master_start", "master_exit", "worker_start", "worker_exit", "worker_lost",
-        "register", "booted", "sweep", "resume", "reap", "turn", "exit")
+        "register", "booted", "sweep", "resume", "reap", "turn", "exit", "master_ready",
+        "target")
 
 Work = Callable[[State], Sequence[Owed]]
 

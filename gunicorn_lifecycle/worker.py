@@ -10,7 +10,6 @@ from .errors import LifecycleError, StateDamaged
 from .heartbeat import Heartbeat
 from .layout import Flag, H, Reason, S, SlotState, slot_at
 from .lifecycle import (
-    Here,
     Owed,
     WorkerExited,
     WorkerStarted,
@@ -18,9 +17,11 @@ from .lifecycle import (
     count_gone,
     free_slot,
     lose,
+    ready_if_complete,
     retire_if_unused,
     sweep,
 )
+from .liveness import Here
 from .lock import LockTimeout
 from .options import Options
 from .process import own_start_time
@@ -64,12 +65,20 @@ class Worker:
             self.tx.deliver_all(owed)
 
     def booted(self) -> None:
-        """post_worker_init: the application is loaded (only the flags word is written)."""
+        """post_worker_init: the application is loaded (only the flags word is written).
+
+        The boot that brings its generation's booted workers to the target makes
+        the generation ready, and runs ``master_ready`` here.
+        """
+        owed: list[Owed] = []
         with self.tx.bookkeeping("booted", self.options.lock_timeout) as state:
             if self.index is not None:
                 slot = state.slot(self.index)
                 if slot.owner == self.token:
                     state.set_flags(self.index, slot.flags | Flag.BOOTED)
+                    owed = ready_if_complete(state, self.generation, self.options, self.server,
+                                             self.worker)
+        self.tx.deliver_all(owed)
 
     def exit(self) -> None:
         """worker_exit: deliver ``worker_exit`` (counting itself), then free the slot.

@@ -25,9 +25,10 @@ REPO = Path(__file__).resolve().parent.parent
 # __main__.py as a script, with gunicorn's own folder first on sys.path (its `http` package
 # then hides the standard library's, and gevent fails to import).
 GUNICORN = str(Path(sys.executable).parent / "gunicorn")
-CALLBACKS = ("master_start", "master_exit", "worker_start", "worker_exit", "worker_lost")
+CALLBACKS = ("master_start", "master_exit", "master_ready", "worker_start", "worker_exit",
+             "worker_lost")
 HOOKS = ("on_starting", "on_reload", "post_fork", "post_worker_init", "worker_exit",
-         "worker_abort", "child_exit", "on_exit")
+         "worker_abort", "child_exit", "nworkers_changed", "on_exit")
 
 CONF = '''\
 {first}
@@ -304,6 +305,14 @@ class Load:
         return self
 
 
+def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120.0
+        ) -> subprocess.CompletedProcess[str]:
+    """Run ``gunicorn-lifecycle`` as an operator would; its outcome, output as text."""
+    return subprocess.run([sys.executable, "-m", "gunicorn_lifecycle", *args],
+                          capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
 def alive(pid: int) -> bool:
     """True while ``pid`` exists and is not a zombie."""
     try:
@@ -321,11 +330,14 @@ def check_record(events: list[dict[str, Any]], closed: bool = True,
     imply, ``lineage`` ordering the generations; each generation gets exactly
     one master_start and at most one master_exit (with no worker left, but for
     a master that died: its orphans keep counting, and their generation stays
-    present until they are gone); each worker one end (worker_exit or worker_lost) per start
+    present until they are gone), and at most one master_ready in between, with
+    its master_start's reason; each worker one end (worker_exit or worker_lost) per start
     (a resumed worker starts again), all ended when ``closed``.
     """
     announced: set[int] = set()
     closed_generations: set[int] = set()
+    started: dict[int, str] = {}  # generation -> its master_start's reason
+    ready: set[int] = set()
     live: dict[int, int] = {}  # generation -> counted workers
     active: set[str] = set()  # workers started and not ended
     for n, e in enumerate(events):
@@ -334,6 +346,7 @@ def check_record(events: list[dict[str, Any]], closed: bool = True,
         if cb == "master_start":
             assert g not in announced and g not in closed_generations and e["id"] == str(g), where
             announced.add(g)
+            started[g] = e["reason"]
             live[g] = 0
         assert g in announced or live.get(g), f"{where}: generation {g} is not present"
         if cb == "worker_start":
@@ -341,6 +354,10 @@ def check_record(events: list[dict[str, Any]], closed: bool = True,
             assert (e["reason"] == "resume") == (e["id"] in {x["id"] for x in events[:n]}), where
             active.add(e["id"])
             live[g] += 1
+        if cb == "master_ready":
+            assert g in announced and g not in ready and e["id"] == str(g), f"{where}: once"
+            assert e["reason"] == started[g], f"{where}: reason of its master_start"
+            ready.add(g)
         expected_mine = live[g]
         if cb in ("worker_exit", "worker_lost"):
             assert e["id"] in active, f"{where}: ended twice, or never started"

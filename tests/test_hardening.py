@@ -45,8 +45,8 @@ BAD_CONTENTS = {
     "random bytes": (os.urandom(layout.file_size(8)), "wrong magic"),
     "truncated, with records": (used_file()[:1000], "need"),
     "wrong magic": (b"NOTOURS!" + valid_file()[8:], "wrong magic"),
-    "older version": (with_word(layout.H.VERSION, 1), "format version 1"),
-    "newer version": (with_word(layout.H.VERSION, 3), "format version 3"),
+    "older version": (with_word(layout.H.VERSION, 2), "format version 2"),
+    "newer version": (with_word(layout.H.VERSION, 4), "format version 4"),
     "wrong size": (valid_file() + b"\0" * 64, "need"),
 }
 

@@ -12,9 +12,9 @@ from gunicorn_lifecycle.layout import Flag, G, GenerationState, H, Reason, S, Sl
 
 
 def test_sizes_are_fixed() -> None:
-    assert layout.HEADER_WORDS * 8 == 256
-    assert layout.GENERATION_WORDS * 8 == 128 and layout.SLOT_WORDS * 8 == 64
-    assert layout.file_size(256) == 256 + 32 * 128 + 256 * 64 == 20_736
+    assert layout.HEADER_WORDS * 8 == 640
+    assert layout.GENERATION_WORDS * 8 == 192 and layout.SLOT_WORDS * 8 == 64
+    assert layout.file_size(256) == 640 + 32 * 192 + 256 * 64 == 23_168
     assert max(H) < layout.HEADER_WORDS and max(G) < layout.GENERATION_WORDS
     assert max(S) < layout.SLOT_WORDS
 
@@ -97,7 +97,7 @@ def test_foreign_files_are_refused_by_name(data: bytes, message: str) -> None:
 
 @pytest.mark.parametrize(("word", "value", "message"), [
     (H.VERSION, 1, "format version 1"),
-    (H.VERSION, 3, "format version 3"),
+    (H.VERSION, 4, "format version 4"),
     (H.SLOTS, 0, "impossible capacity"),
     (H.GENERATIONS, 16, "impossible capacity"),
 ])

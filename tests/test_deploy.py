@@ -1,0 +1,203 @@
+"""The deploy commands on real servers: ``upgrade``, ``reload``, ``wait``, ``check``
+(SPEC section 7), finding the instance, and ``status --prometheus``."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from gated import Gate
+from prometheus_client.parser import text_string_to_metric_families
+
+from gunicorn_lifecycle.statefile import default_path
+from gunicorn_lifecycle.status import read_status
+from harness import Load, Server, alive, check_record, cli, wait_for
+
+Make = Callable[..., Server]
+
+
+def one_line(done: subprocess.CompletedProcess[str]) -> str:
+    """The failure's single line on stderr (and nothing on stdout)."""
+    assert done.stdout == "" and len(done.stderr.strip().splitlines()) == 1, done
+    return done.stderr.strip()
+
+
+def test_check_is_ok_when_ready_and_fails_with_a_reason_when_the_master_is_killed(
+    server: Make
+) -> None:
+    s = server(workers=2, interval=0.2, failed=0.5).start(wait_workers=2)
+    state = ("--state", s.state_file)
+    done = cli("wait", *state, "--timeout", "30")
+    assert done.returncode == 0 and "is ready" in done.stdout, done
+    done = cli("check", *state)
+    assert done.returncode == 0 and done.stdout.startswith("ok: generation 1"), done
+    assert json.loads(cli("check", *state, "--json").stdout)["ok"] is True
+    s.signal(signal.SIGKILL)
+    s.wait_exit()
+    done = cli("check", *state)
+    assert done.returncode == 1, done
+    assert "is not running" in one_line(done) or "no generation is open" in one_line(done)
+
+
+def test_wait_and_check_follow_the_boots(server: Make, tmp_path: Path) -> None:
+    gate = Gate(tmp_path)
+    s = gate.start(gate.server(server, workers=2), wait_workers=2)
+    state = ("--state", s.state_file)
+    done = cli("check", *state)
+    assert done.returncode == 1
+    assert one_line(done) == "generation 1 is not ready (0 of 2 workers booted)"
+    assert json.loads(cli("check", *state, "--json").stdout) == {
+        "command": "check", "ok": False, "state_file": s.state_file,
+        "message": "generation 1 is not ready (0 of 2 workers booted)"}
+    done = cli("wait", *state, "--timeout", "0.5")
+    assert done.returncode == 1 and "not ready (0 of 2 workers booted)" in one_line(done)
+    waiting = subprocess.Popen([sys.executable, "-m", "gunicorn_lifecycle", "wait", *state],
+                               stdout=subprocess.PIPE, text=True)
+    gate.let(2)
+    out, _ = waiting.communicate(timeout=60)
+    assert waiting.returncode == 0 and out.strip() == f"generation 1 (master {s.pid}) is ready"
+    assert cli("check", *state).returncode == 0
+    s.signal(signal.SIGTERM)
+    done = cli("wait", *state, "--closed", "--timeout", "30")
+    assert done.returncode == 0 and done.stdout.strip() == "no generation is open", done
+
+
+def test_upgrade_under_load_leaves_only_the_new_master(server: Make) -> None:
+    s = server(workers=2, interval=0.5, failed=1.0).start(wait_workers=2)
+    load = Load(s, clients=4)
+    try:
+        done = cli("upgrade", "--state", s.state_file, "--timeout", "60")
+    finally:
+        load.stop()
+    assert done.returncode == 0 and done.stdout.startswith("upgraded: generation 2"), done
+    assert not load.failures and len(load.latencies) > 100, (load.failures[:3],
+                                                            len(load.latencies))
+    s.wait_exit()  # the old master is gone, its generations closed as "upgrade"
+    assert [e["reason"] for e in s.events("master_exit")] == ["upgrade"]
+    (gen,) = read_status(s.state_file)["generations"]
+    new = gen["master_pid"]
+    assert gen["open"] and gen["ready"] and gen["reason"] == "upgrade" and alive(new)
+    assert f"master {new}" in done.stdout and new != s.pid
+    s.signal(signal.SIGTERM, new)
+    s.wait_count("master_exit", 2)
+    check_record(s.events())
+
+
+def test_upgrade_to_code_that_fails_to_import_rolls_back(server: Make, tmp_path: Path) -> None:
+    gate = Gate(tmp_path)
+    s = gate.start(gate.server(server, workers=2, interval=0.2, failed=0.5), wait_workers=2)
+    gate.let(2)
+    gate.broken.touch()  # the new code fails to import
+    load = Load(s, clients=4)
+    try:
+        done = cli("upgrade", "--state", s.state_file, "--timeout", "60")
+    finally:
+        load.stop()
+    assert done.returncode == 1, done
+    assert one_line(done).startswith("rolled back: master of generation 2 exited before it was "
+                                     "ready"), done
+    assert not load.failures and load.latencies, "the old master served throughout"
+    (gen,) = [g for g in read_status(s.state_file)["generations"] if g["open"]]
+    assert gen["master_pid"] == s.pid and gen["generation"] == 1
+    assert [e["reason"] for e in s.events("master_exit")] == ["rollback"]
+    s.stop()
+    check_record(s.events())
+
+
+def test_upgrade_not_ready_in_time_stops_the_new_master(server: Make, tmp_path: Path) -> None:
+    gate = Gate(tmp_path)
+    s = gate.start(gate.server(server, workers=2, interval=0.2, failed=0.5), wait_workers=2)
+    gate.let(2)  # the old workers boot; the new ones will wait for tokens that never come
+    done = cli("upgrade", "--state", s.state_file, "--timeout", "3")
+    assert done.returncode == 1, done
+    assert one_line(done) == ("rolled back: generation 2 was not ready in time (0 of 2 workers "
+                              "booted)")
+    (rollback,) = s.events("master_exit")
+    (upgrade,) = s.events("master_start", reason="upgrade")
+    assert rollback["reason"] == "rollback" and rollback["generation"] == 2
+    assert rollback["in_pid"] == upgrade["in_pid"], "the new master closed its own, on TERM"
+    assert s.request().startswith(b"HTTP/1.0 200")
+    s.stop()
+    check_record(s.events())
+
+
+def test_reload_waits_for_the_new_generation_and_the_old_ones_close(server: Make) -> None:
+    s = server(workers=2, interval=0.2, failed=0.5).start(wait_workers=2)
+    done = cli("reload", "--state", s.state_file, "--timeout", "60")
+    assert done.returncode == 0, done
+    assert done.stdout.strip() == (f"reloaded: generation 2 (master {s.pid}) is ready; "
+                                   "generation 1 closed")
+    (gen,) = read_status(s.state_file)["generations"]
+    assert (gen["generation"], gen["ready"], gen["reason"]) == (2, True, "reload")
+    assert [e["reason"] for e in s.events("master_exit")] == ["reload"]
+    s.stop()
+    check_record(s.events())
+
+
+def test_instances_are_found_in_the_default_directory(server: Make, tmp_path: Path) -> None:
+    runtime = tmp_path / "xdg"
+    runtime.mkdir(mode=0o700)
+    # The fallback directory (under TMPDIR) is searched too: keep this machine's out of it.
+    env = {"XDG_RUNTIME_DIR": str(runtime), "TMPDIR": str(tmp_path)}
+    servers = [server(workers=1, state_file=None) for _ in range(2)]
+    for s in servers:
+        s.start(wait_workers=1, env=env)
+    for s in servers:
+        s.state_file = os.path.join(runtime, "gunicorn-lifecycle",
+                                    os.path.basename(default_path([f"unix:{s.sock}"])))
+    wait_for(lambda: all(os.path.exists(s.state_file) for s in servers), "both state files")
+    lines = cli("status", "--json", env=env).stdout.splitlines()
+    assert sorted(json.loads(line)["state_file"] for line in lines) == sorted(
+        s.state_file for s in servers), "one JSON object per instance"
+    done = cli("check", env=env)
+    assert done.returncode == 2 and "2 instances found" in one_line(done) and "--state" in \
+        one_line(done)
+    servers[0].stop()
+    done = cli("wait", "--timeout", "30", env=env)  # the only one running
+    assert done.returncode == 0 and f"(master {servers[1].pid}) is ready" in done.stdout, done
+    done = cli("check", env={**env, "XDG_RUNTIME_DIR": str(tmp_path / "empty")})
+    assert done.returncode == 2 and "no state file in" in one_line(done)
+    servers[1].stop()
+
+
+def test_a_config_that_needs_the_servers_environment_says_so(tmp_path: Path) -> None:
+    config = tmp_path / "gunicorn.conf.py"
+    config.write_text("import os\nbind = os.environ['APP_BIND']\n")
+    for command in ("status", "check"):
+        assert "APP_BIND" not in os.environ
+        done = cli(command, "-c", str(config))
+        assert done.returncode == 2, done
+        line = one_line(done)
+        assert "environment variable APP_BIND, which is not set here" in line, line
+        assert str(config) in line and "--state PATH" in line and "Traceback" not in line
+
+
+def test_status_in_the_prometheus_text_format(server: Make) -> None:
+    s = server(workers=2, interval=0.2, failed=0.5).start(wait_workers=2)
+    assert cli("wait", "--state", s.state_file, "--timeout", "30").returncode == 0
+    victim = s.events("worker_start")[0]["pid"]
+    s.signal(signal.SIGKILL, victim)
+    s.wait_count("worker_lost", 1)
+    s.wait_count("worker_start", 3)
+    done = cli("status", "--prometheus", "--state", s.state_file)
+    assert done.returncode == 0, done
+    samples = {(sample.name, tuple(sorted((k, v) for k, v in sample.labels.items()
+                                          if k != "state_file"))): sample.value
+               for family in text_string_to_metric_families(done.stdout)
+               for sample in family.samples}
+    mine = (("generation", "1"), ("reason", "start"))
+    assert samples[("gunicorn_lifecycle_generations_open", ())] == 1
+    assert samples[("gunicorn_lifecycle_workers", mine)] == 2
+    assert samples[("gunicorn_lifecycle_workers_target", mine)] == 2
+    assert samples[("gunicorn_lifecycle_generation_ready", mine)] == 1
+    assert samples[("gunicorn_lifecycle_generation_master_alive", mine)] == 1
+    assert samples[("gunicorn_lifecycle_master_starts_total", (("reason", "start"),))] == 1
+    assert samples[("gunicorn_lifecycle_master_starts_total", (("reason", "restart"),))] == 0
+    assert samples[("gunicorn_lifecycle_workers_lost_total", (("reason", "crash"),))] == 1
+    assert samples[("gunicorn_lifecycle_master_exits_total", (("reason", "crash"),))] == 0
+    s.stop()
