@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
-from . import heartbeat, hook_latency, memory, sweep, throughput
+from . import deploy, heartbeat, hook_latency, memory, sweep, throughput
 from .report import Table
 
 # Each takes a work directory, the number of repeats, and whether this is a quick run.
@@ -24,8 +24,9 @@ BENCHMARKS: dict[str, Callable[[Path, int, bool], Table]] = {
     "throughput": throughput.run,
     "sweep": sweep.run,
     "memory": memory.run,
+    "deploy": deploy.run,
 }
-# About 6 minutes in all on a 2-core machine (3.5 of them for the heartbeat).
+# About 8 minutes in all on a 2-core machine (3.5 of them for the heartbeat, 2 for deploys).
 DEFAULT_REPEATS = 7
 
 

@@ -26,6 +26,8 @@ from gunicorn_lifecycle.statefile import open_for_reading
 
 REPO = Path(__file__).resolve().parent.parent
 APP = "example_app.app:app"
+# The command, not `python -m gunicorn`, which cannot re-execute itself on USR2 (Gunicorn #3281).
+GUNICORN = str(Path(sys.executable).parent / "gunicorn")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 T = TypeVar("T")
@@ -65,6 +67,7 @@ post_worker_init = gunicorn_lifecycle.post_worker_init
 worker_exit = gunicorn_lifecycle.worker_exit
 worker_abort = gunicorn_lifecycle.worker_abort
 child_exit = gunicorn_lifecycle.child_exit
+nworkers_changed = gunicorn_lifecycle.nworkers_changed
 on_exit = gunicorn_lifecycle.on_exit
 '''
 
@@ -108,7 +111,7 @@ class Gunicorn:
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         with open(self.log, "wb") as log:
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "gunicorn", "-c", str(self.config), APP],
+                [GUNICORN, "-c", str(self.config), APP],
                 cwd=self.directory, env=env, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True, preexec_fn=self._pin if self._cpus else None)
         return self
@@ -143,6 +146,13 @@ class Gunicorn:
             return wait_for(booted, f"{self.workers} booted workers", timeout)
         except TimeoutError as exc:
             raise TimeoutError(f"{exc}; log: {self.log_tail()}") from None
+
+    def signal(self, sig: signal.Signals) -> None:
+        os.kill(self.pid, sig)
+
+    def running(self) -> bool:
+        """Whether the master started here still runs (after USR2, the old one)."""
+        return self._proc is not None and self._proc.poll() is None
 
     def stop(self, timeout: float = 60.0) -> None:
         """Graceful stop (SIGTERM to the master, which signals all workers together)."""

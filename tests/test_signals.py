@@ -48,8 +48,8 @@ def test_no_signal_is_ever_blocked_for_callbacks_or_their_children(server: Make)
         assert set(blocked_signals(pid).values()) == {"0000000000000000"}, pid
     s.stop()
     events = s.events()
-    assert {e["cb"] for e in events} == {"master_start", "master_exit", "worker_start",
-                                         "worker_exit", "worker_lost"}
+    assert {e["cb"] for e in events} == {"master_start", "master_exit", "master_ready",
+                                         "worker_start", "worker_exit", "worker_lost"}
     for e in events:
         assert e["sigblk"] == e["child_sigblk"] == "0000000000000000", e
     check_record(events)

@@ -1,0 +1,153 @@
+"""Benchmark 6: requests during deploys, and the health probe's latency.
+
+Each deploy runs under the same load (client threads in this process, one
+connection per request, every latency and failure kept), against two ways of
+doing it in the same run:
+
+- the plugin: ``gunicorn-lifecycle upgrade`` (and ``reload``), which wait on the
+  state file until the new generation is ready;
+- bare Gunicorn driven by hand, as deploy scripts do: ``USR2``, a fixed sleep,
+  ``TERM`` to the old master (``HUP`` and a fixed sleep for a reload).
+
+Then ``gunicorn-lifecycle check``'s wall time, against starting the same Python.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from .report import Budget, Row, Table, median
+from .server import Gunicorn, plugin_hooks, wait_for
+
+WORKERS = 2
+CLIENTS = 4
+SLEEP = 5.0  # the hand-driven deploy's fixed wait for the new workers
+LIFECYCLE = str(Path(sys.executable).parent / "gunicorn-lifecycle")
+
+
+class Load:
+    """Client threads sending requests until stopped; their latencies and failures."""
+
+    def __init__(self, path: Path) -> None:
+        self.latencies: list[float] = []
+        self.failed = 0
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(str(path),))
+                         for _ in range(CLIENTS)]
+        for thread in self._threads:
+            thread.start()
+
+    def _run(self, path: str) -> None:
+        while not self._stop.is_set():
+            began = time.monotonic()
+            ok = _request(path)
+            self.latencies.append(time.monotonic() - began)
+            self.failed += not ok
+
+    def stop(self) -> Load:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join()
+        return self
+
+    @property
+    def p99(self) -> float:
+        ordered = sorted(self.latencies)
+        return ordered[int(len(ordered) * 0.99)]
+
+
+def _request(path: str) -> bool:
+    try:
+        with socket.socket(socket.AF_UNIX) as client:
+            client.settimeout(10)
+            client.connect(path)
+            client.sendall(b"GET / HTTP/1.0\r\nHost: bench\r\n\r\n")
+            head = client.recv(12)
+            while client.recv(65536):
+                pass
+    except OSError:
+        return False
+    return head.startswith(b"HTTP/1.") and head[9:12] == b"200"
+
+
+def _deploy(server: Gunicorn, kind: str, how: str) -> None:
+    """One upgrade or reload of a ready ``server``, the plugin's way or by hand."""
+    if kind == "plugin":
+        done = subprocess.run([LIFECYCLE, how, "--state", str(server.directory / "lifecycle.state"),
+                               "--timeout", "60"], capture_output=True, text=True, timeout=120)
+        if done.returncode:
+            raise RuntimeError(f"{how} failed: {done.stderr.strip()}; {server.log_tail()}")
+        return
+    if how == "reload":
+        server.signal(signal.SIGHUP)
+        time.sleep(SLEEP)
+        return
+    server.signal(signal.SIGUSR2)
+    time.sleep(SLEEP)
+    server.signal(signal.SIGTERM)
+    wait_for(lambda: not server.running(), "the old master to exit", 60)
+
+
+def run(workdir: Path, repeats: int, quick: bool) -> Table:
+    repeats = 1 if quick else min(repeats, 3)
+    figures: dict[tuple[str, str], list[Load]] = {}
+    for repeat in range(repeats):
+        for how in ("upgrade", "reload"):
+            order = ("bare", "plugin") if repeat % 2 == 0 else ("plugin", "bare")
+            for kind in order:
+                directory = workdir / f"{repeat}-{how}-{kind}"
+                hooks = plugin_hooks(directory / "lifecycle.state") if kind == "plugin" else ""
+                with Gunicorn(directory, workers=WORKERS, hooks=hooks) as server:
+                    server.ready()
+                    load = Load(server.socket)
+                    try:
+                        _deploy(server, kind, how)
+                    finally:
+                        figures.setdefault((how, kind), []).append(load.stop())
+    rows = []
+    for how in ("upgrade", "reload"):
+        plugin, bare = figures[(how, "plugin")], figures[(how, "bare")]
+        rows += [
+            Row(f"{how}: failed requests", sum(x.failed for x in plugin),
+                sum(x.failed for x in bare), "x", Budget("value", 0)),
+            Row(f"{how}: p99 latency", median(x.p99 for x in plugin),
+                median(x.p99 for x in bare), "s", Budget("gain", 2.0)),
+        ]
+    rows.append(_check(workdir / "check", 1 if quick else 21))
+    return Table(
+        "6. deploys under load, and the health probe",
+        rows,
+        [f"{WORKERS} sync workers, {CLIENTS} clients, one connection per request; {repeats} "
+         "deploys of each kind and way; p99 = median over the deploys",
+         f"baseline: bare Gunicorn by hand (USR2, sleep {SLEEP:g} s, TERM; HUP, sleep "
+         f"{SLEEP:g} s); failed requests summed over the deploys",
+         "check: median wall time of `gunicorn-lifecycle check` on a ready instance, against "
+         "`python -c pass` (the interpreter's own start)"],
+    )
+
+
+def _check(directory: Path, repeats: int) -> Row:
+    with Gunicorn(directory, workers=WORKERS,
+                  hooks=plugin_hooks(directory / "lifecycle.state")) as server:
+        server.ready()
+        state = str(directory / "lifecycle.state")
+        probe = [LIFECYCLE, "check", "--state", state]
+        wait_for(lambda: subprocess.run(probe, capture_output=True).returncode == 0,
+                 "the instance ready", 30)
+        checks, starts = [], []
+        for _ in range(repeats):
+            checks.append(_timed(probe))
+            starts.append(_timed([sys.executable, "-c", "pass"]))
+    return Row("check: wall time", median(checks), median(starts), "s", Budget("value", 0.1))
+
+
+def _timed(command: list[str]) -> float:
+    began = time.perf_counter()
+    subprocess.run(command, capture_output=True, check=True)
+    return time.perf_counter() - began
