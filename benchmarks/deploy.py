@@ -28,6 +28,7 @@ from .server import Gunicorn, plugin_hooks, wait_for
 WORKERS = 2
 CLIENTS = 4
 SLEEP = 5.0  # the hand-driven deploy's fixed wait for the new workers
+WINDOW = SLEEP + 3.0  # seconds of load from each deploy's start
 LIFECYCLE = str(Path(sys.executable).parent / "gunicorn-lifecycle")
 
 
@@ -97,6 +98,7 @@ def _deploy(server: Gunicorn, kind: str, how: str) -> None:
 def run(workdir: Path, repeats: int, quick: bool) -> Table:
     repeats = 1 if quick else min(repeats, 3)
     figures: dict[tuple[str, str], list[Load]] = {}
+    durations: dict[tuple[str, str], list[float]] = {}
     for repeat in range(repeats):
         for how in ("upgrade", "reload"):
             order = ("bare", "plugin") if repeat % 2 == 0 else ("plugin", "bare")
@@ -106,8 +108,12 @@ def run(workdir: Path, repeats: int, quick: bool) -> Table:
                 with Gunicorn(directory, workers=WORKERS, hooks=hooks) as server:
                     server.ready()
                     load = Load(server.socket)
+                    began = time.monotonic()
                     try:
                         _deploy(server, kind, how)
+                        durations.setdefault((how, kind), []).append(time.monotonic() - began)
+                        # the same window for both ways: a quick deploy has fewer calm requests
+                        time.sleep(max(began + WINDOW - time.monotonic(), 0))
                     finally:
                         figures.setdefault((how, kind), []).append(load.stop())
     rows = []
@@ -118,13 +124,17 @@ def run(workdir: Path, repeats: int, quick: bool) -> Table:
                 sum(x.failed for x in bare), "x", Budget("value", 0)),
             Row(f"{how}: p99 latency", median(x.p99 for x in plugin),
                 median(x.p99 for x in bare), "s", Budget("gain", 2.0)),
+            Row(f"{how}: duration", median(durations[(how, "plugin")]),
+                median(durations[(how, "bare")]), "s"),
         ]
     rows.append(_check(workdir / "check", 1 if quick else 21))
     return Table(
         "6. deploys under load, and the health probe",
         rows,
         [f"{WORKERS} sync workers, {CLIENTS} clients, one connection per request; {repeats} "
-         "deploys of each kind and way; p99 = median over the deploys",
+         f"deploys of each kind and way; p99 over {WINDOW:g} s of load from each deploy's "
+         "start, median over the deploys; duration: until the command (or the old master) "
+         "ended",
          f"baseline: bare Gunicorn by hand (USR2, sleep {SLEEP:g} s, TERM; HUP, sleep "
          f"{SLEEP:g} s); failed requests summed over the deploys",
          "check: median wall time of `gunicorn-lifecycle check` on a ready instance, against "
