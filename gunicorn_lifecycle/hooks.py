@@ -12,17 +12,21 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
 from typing import Any
+
+from gunicorn.systemd import sd_notify
 
 from .errors import LifecycleError, StateDamaged
 from .events import CallbackFailed
 from .lock import LockTimeout
 from .master import Master
-from .options import Callbacks, OnError, Options
+from .options import Callbacks, OnError, Options, SystemdMode
 from .statefile import default_path, make_default_directory, open_for_server
+from .systemd import Systemd
+from .threads import allocate_lock
 from .transaction import Transactions
 from .worker import Worker
 
@@ -42,6 +46,7 @@ class _Process:
     off = False  # the state file was found damaged: the lifecycle is off here
     master: Master | None = None
     worker: Worker | None = None
+    notify_socket: str | None = None  # systemd's, taken over from Gunicorn at on_starting
 
 
 _here = _Process()
@@ -61,6 +66,7 @@ def configure(
     lock_timeout: float = 30.0,
     on_error: OnError = "log",
     slots: int = 256,
+    systemd: SystemdMode = "auto",
 ) -> None:
     """Set the callbacks and options; call it once from ``gunicorn.conf.py``.
 
@@ -81,7 +87,7 @@ def configure(
         {"master_start": master_start, "master_exit": master_exit, "master_ready": master_ready,
          "worker_start": worker_start, "worker_exit": worker_exit, "worker_lost": worker_lost},
         state_file, os.path.dirname(os.path.abspath(config.get("__file__") or "x")),
-        interval, failed, lock_timeout, on_error, slots)
+        interval, failed, lock_timeout, on_error, slots, systemd)
     _here.configured, _here.loading, _here.call_site = options, config, site
 
 
@@ -186,9 +192,46 @@ def on_starting(server: Any) -> None:
         state_file = open_for_server(path, options.slots)
         server.log.info("gunicorn_lifecycle: state file %s", path)
         _check_wiring(server)
-        master = Master(Transactions(state_file, server.log), server, server.master_pid)
+        systemd = _take_over_systemd(server, options)
+        master = Master(Transactions(state_file, server.log, systemd), server, server.master_pid)
         master.start(options)
         _here.master, _here.starting_failed = master, False
+
+
+def _take_over_systemd(server: Any, options: Options) -> Systemd | None:
+    """Take systemd's notification socket from Gunicorn, which would say READY=1 before any
+    worker exists; None when systemd is not told (``systemd=False``, or not run by it)."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if options.systemd is False or not (address or options.systemd is True):
+        return None
+    if not address:
+        server.log.error("gunicorn_lifecycle: systemd=True, but NOTIFY_SOCKET is not set: run "
+                         "the server from a unit with Type=notify and NotifyAccess=all")
+        return None
+    del os.environ["NOTIFY_SOCKET"]  # Gunicorn's own READY=1, right after this hook, is lost
+    _here.notify_socket = address
+    watchdog = int(os.environ.get("WATCHDOG_USEC", "0") or 0) / 1e6
+    if watchdog and watchdog <= 2 * options.interval:
+        server.log.warning("gunicorn_lifecycle: WatchdogSec=%gs is too short for interval=%gs: "
+                           "the watchdog is fed once per interval; make it at least %gs",
+                           watchdog, options.interval, 2 * options.interval + options.failed)
+    return Systemd(_sender(address, server.log), watchdog > 0)
+
+
+def _sender(address: str, log: Any) -> Callable[[str], None]:
+    """Gunicorn's sd_notify, which finds the socket in the environment: it is put there for
+    the call alone (one thread at a time), so that nothing else inherits or uses it."""
+    one_at_a_time = allocate_lock()
+
+    def send(message: str) -> None:
+        with one_at_a_time:
+            os.environ["NOTIFY_SOCKET"] = address
+            try:
+                sd_notify(message, log)
+            finally:
+                os.environ.pop("NOTIFY_SOCKET", None)
+
+    return send
 
 
 def on_reload(server: Any) -> None:
@@ -196,6 +239,10 @@ def on_reload(server: Any) -> None:
     master = _here.master
     if master is None:
         return
+    if _here.notify_socket is not None:
+        # Gunicorn hands a USR2 master the environment its config was read in: the re-read
+        # one was read without the socket, and a USR2 after this HUP must still reach systemd.
+        server.cfg.env_orig["NOTIFY_SOCKET"] = _here.notify_socket
     with _guard(server, "on_reload"):
         options = _options(server)
         if options.state_file not in (None, master.tx.state.path):

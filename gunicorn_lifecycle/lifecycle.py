@@ -28,6 +28,7 @@ from .layout import Flag, GenerationState, H, Readiness, Reason, S, SlotState, s
 from .liveness import Here
 from .options import Options
 from .state import Generation, Slot, State
+from .systemd import Moment
 
 
 class Owed(Protocol):
@@ -281,6 +282,7 @@ def ready_if_complete(state: State, number: int, options: Options, server: Any,
     if not 0 < gen.target <= booted(state, number):
         return []
     state.set_generation(gen.index, ready=Readiness.READY, ready_at=time.monotonic_ns())
+    state.mark(Moment.READY, gen)
     return [MasterReady(number, options, server, worker)]
 
 
@@ -353,7 +355,22 @@ def sweep(state: State, here: Here, options: Options, server: Any) -> list[Owed]
             retire_if_unused(state, gen.number)
         elif time.monotonic_ns() - gen.closed_at > gen.overrun:
             owed += owed_by(state, gen, options, server)
+    _healthy(state, here)
     return owed
+
+
+def _healthy(state: State, here: Here) -> None:
+    """Mark the newest generation alive (systemd's watchdog) if its master lives and every
+    registered worker of it has beaten within its overrun."""
+    serving = [g for g in state.generations() if g.serving]
+    if not serving:
+        return
+    newest = max(serving, key=lambda g: g.lineage)
+    workers = [s for s in state.slots_in(SlotState.REGISTERED) if s.generation == newest.number]
+    now = time.monotonic_ns()
+    if workers and here.master_alive(newest) and all(
+            now - s.heartbeat <= newest.overrun for s in workers):
+        state.mark(Moment.ALIVE, newest)
 
 
 def _overran(state: State, index: int, stamp: int, overrun: int) -> bool:

@@ -30,7 +30,12 @@ from .liveness import Here, show_presence
 from .options import Options
 from .process import boot_id, own_start_time, pid_namespace
 from .state import Generation, State
+from .systemd import Moment
 from .transaction import Transactions
+
+# What systemd hears when this master exits: the unit stops, or the master it replaced
+# serves on (a rollback: systemd follows it back).
+EXIT_MOMENTS = {Reason.STOP: Moment.STOPPING, Reason.ROLLBACK: Moment.ROLLED_BACK}
 
 
 class Master:
@@ -154,6 +159,8 @@ class Master:
                              "and were folded into generation %s", self._refused, self.current)
             self._refused = 0
         owed = self._open(state, Reason.RELOAD, options)
+        if current is not None:
+            state.mark(Moment.RELOADING, current)
         if current is not None and current.state == GenerationState.OPEN:
             state.set_generation(current.index, state=GenerationState.SUPERSEDED)
         return owed + self._close_drained(state)
@@ -192,7 +199,10 @@ class Master:
                     owed += lose(state, slot, Reason.CRASH, False, options, self.server)
             gen = state.generation(number)
             if gen is not None and gen.serving:
-                owed += self._close(state, gen, exit_reason(state, gen, here, master_alive=True))
+                reason = exit_reason(state, gen, here, master_alive=True)
+                owed += self._close(state, gen, reason)
+                if reason in EXIT_MOMENTS:
+                    state.mark(EXIT_MOMENTS[reason], gen)
         self.generations.clear()
         return owed
 

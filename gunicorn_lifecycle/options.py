@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 Callback = Callable[["Event"], object]
 Callbacks = Callback | Sequence[Callback] | None
 OnError = Literal["log", "raise"]
+SystemdMode = bool | Literal["auto"]
 CALLBACKS = ("master_start", "master_exit", "master_ready", "worker_start", "worker_exit",
              "worker_lost")
 
@@ -31,11 +32,12 @@ class Options:
     lock_timeout: float = 30.0
     on_error: OnError = "log"
     slots: int = 256
+    systemd: SystemdMode = "auto"
 
     @classmethod
     def build(cls, callbacks: dict[str, Callbacks], state_file: str | os.PathLike[str] | None,
               base: str, interval: float, failed: float, lock_timeout: float,
-              on_error: OnError, slots: int) -> Options:
+              on_error: OnError, slots: int, systemd: SystemdMode = "auto") -> Options:
         """Check every option; LifecycleError naming the first bad one and what would be right.
 
         A relative ``state_file`` is taken relative to ``base`` (the config file's
@@ -47,6 +49,8 @@ class Options:
         _number("lock_timeout", lock_timeout, "a number of seconds > 0", lambda v: v > 0)
         if on_error not in ("log", "raise"):
             raise LifecycleError(f'on_error must be "log" or "raise"; got {on_error!r}')
+        if not (systemd == "auto" or isinstance(systemd, bool)):
+            raise LifecycleError(f'systemd must be "auto", True or False; got {systemd!r}')
         if isinstance(slots, bool) or not isinstance(slots, int) or not 1 <= slots <= 65536:
             raise LifecycleError(f"slots must be a whole number from 1 to 65536; got {slots!r}")
         path = None
@@ -55,7 +59,7 @@ class Options:
                 raise LifecycleError("state_file must be a path (str or os.PathLike) or None "
                                      f"for the default; got {state_file!r}")
             path = os.path.abspath(os.path.join(base, os.fspath(state_file)))
-        return cls(lists, path, interval, failed, lock_timeout, on_error, slots)
+        return cls(lists, path, interval, failed, lock_timeout, on_error, slots, systemd)
 
     def callbacks(self, name: str) -> tuple[Callback, ...]:
         return self.callback_lists.get(name, ())

@@ -13,7 +13,7 @@ before, or already what it was going to mean (see :mod:`protocol`).
 from __future__ import annotations
 
 from collections import Counter
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from .errors import LifecycleError
 from .layout import (
@@ -35,6 +35,9 @@ from .layout import (
     slot_at,
 )
 from .protocol import Words
+
+if TYPE_CHECKING:
+    from .systemd import Moment
 
 
 class Generation(NamedTuple):
@@ -100,10 +103,15 @@ class State:
         self.path = words.path
         self.slots = words.slots
         self.notes: list[tuple[str, tuple[object, ...]]] = []
+        self.moments: list[tuple[Moment, Generation]] = []
 
     def note(self, message: str, *args: object) -> None:
         """A warning to log once the lock is released: a slow log never holds the lock."""
         self.notes.append((message, args))
+
+    def mark(self, moment: Moment, gen: Generation) -> None:
+        """A moment of ``gen`` to tell systemd once the lock is released (:mod:`systemd`)."""
+        self.moments.append((moment, gen))
 
     # header
 

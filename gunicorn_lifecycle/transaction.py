@@ -33,9 +33,11 @@ from .events import Log, run_callbacks
 from .layout import H
 from .lifecycle import Owed
 from .lock import LockTimeout, StateLock
+from .options import CALLBACKS
 from .process import is_alive, own_start_time
 from .state import State
 from .statefile import StateFile
+from .systemd import Systemd
 
 WHAT = ("", "master_start", "master_exit", "worker_start", "worker_exit", "worker_lost",
         "register", "booted", "sweep", "resume", "reap", "turn", "exit", "master_ready",
@@ -51,8 +53,9 @@ class TurnTimeout(Exception):
 class Transactions:
     """One process's way into one state file."""
 
-    def __init__(self, file: StateFile, log: Log) -> None:
+    def __init__(self, file: StateFile, log: Log, systemd: Systemd | None = None) -> None:
         self.file = file
+        self.systemd = systemd
         self.state = State(file.words)
         self.lock = StateLock(file)
         self.log = log
@@ -82,9 +85,11 @@ class Transactions:
     def bookkeeping(self, what: str, timeout: float) -> Iterator[State]:
         """Hold the state lock for ``what``, on a checked and repaired state.
 
-        What the section noted is logged once the lock is released.
+        What the section noted is logged, and what it marked told to systemd
+        (with the counts, after a delivery), once the lock is released.
         """
         me = threads.get_ident()
+        said = ""
         try:
             self._inside.add(me)
             with self.lock.hold(timeout, what, self._holder):
@@ -93,11 +98,16 @@ class Transactions:
                 self.state.set_header(H.HOLDER_PID, self.pid)
                 self.state.set_header(H.HOLDER_WHAT, WHAT.index(what))
                 yield self.state
+                if self.systemd is not None:
+                    said = self.systemd.message(self.state, self.state.moments,
+                                                changed=what in CALLBACKS)
         finally:
             self._inside.discard(me)
-            notes, self.state.notes = self.state.notes, []
+            notes, self.state.notes, self.state.moments = self.state.notes, [], []
             for message, args in notes:
                 self.log.warning(message, *args)
+            if said and self.systemd is not None:
+                self.systemd.send(said)
 
     def perform(self, what: str, work: Work, timeout: float) -> None:
         """Do ``work`` under the lock, then deliver the events it owes, in order.
