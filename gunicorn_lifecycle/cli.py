@@ -14,24 +14,32 @@ from typing import Any
 
 from . import deploy, prometheus
 from .errors import LifecycleError
-from .statefile import default_directories, find_instances
+from .statefile import default_directories, find_instances, open_for_reading
 from .status import read_status
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
+        return run(args)
+    except KeyboardInterrupt:
+        progress("interrupted: the instance is left as it is now (see `gunicorn-lifecycle "
+                 "status`; `upgrade` again finishes an upgrade under way)")
+        return 130
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
         if args.command == "status":
             return status(args)
         path = one_instance(args)
+        open_for_reading(path)  # a file that cannot be used is bad usage, before anything is sent
     except LifecycleError as exc:
-        print(f"gunicorn-lifecycle: {exc}", file=sys.stderr)
+        progress(str(exc))
         return 2
     instance = deploy.Instance(path, progress if sys.stderr.isatty() else lambda line: None)
     try:
-        if args.command == "check":
-            message = deploy.check(instance)
-        elif args.command == "wait":
+        if args.command == "wait":
             message = deploy.wait(instance, args.timeout, args.closed)
         else:
             message = getattr(deploy, args.command)(instance, args.timeout)
@@ -66,7 +74,10 @@ def parser() -> argparse.ArgumentParser:
         command = commands.add_parser(name, help=text, description=text[0].upper() + text[1:] +
                                       ".")
         where(command, "print the outcome as one JSON object")
-        if name != "check":
+        if name == "check":  # a probe answers at once, unless told it may wait
+            command.add_argument("--timeout", type=not_negative, default=0.0, metavar="SECONDS",
+                                 help="wait up to this long for a healthy state (default: 0)")
+        else:
             command.add_argument("--timeout", type=positive, default=120.0, metavar="SECONDS",
                                  help="longest wait for each step (default: 120)")
         if name == "wait":
@@ -86,8 +97,15 @@ def where(command: argparse.ArgumentParser, json_help: str) -> None:
 
 def positive(text: str) -> float:
     value = float(text)
-    if not value > 0:
+    if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text}")
+    return value
+
+
+def not_negative(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got {text}")
     return value
 
 
@@ -125,7 +143,15 @@ def _serves(path: str) -> bool:
 
 
 def status(args: argparse.Namespace) -> int:
-    reports = [read_status(path) for path in paths(args)]
+    """Print the state; found by discovery, a file that cannot be read is skipped, and said."""
+    found, reports = paths(args), []
+    for path in found:
+        try:
+            reports.append(read_status(path))
+        except LifecycleError as exc:
+            if args.state or args.config or len(found) == 1:
+                raise
+            progress(f"skipped: {exc}")
     if args.prometheus:
         print(prometheus.render(reports), end="")
     elif args.json:
@@ -143,8 +169,10 @@ def report(args: argparse.Namespace, path: str, ok: bool, message: str) -> int:
     if args.json:
         print(json.dumps({"command": args.command, "ok": ok, "message": message,
                           "state_file": path}))
+    elif ok:
+        print(message)
     else:
-        print(message, file=sys.stdout if ok else sys.stderr)
+        progress(message)
     return 0 if ok else 1
 
 

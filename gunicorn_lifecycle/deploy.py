@@ -49,7 +49,7 @@ class Instance:
             if result:
                 return result
             if time.monotonic() >= deadline:
-                raise TimeoutError(awaited)
+                raise TimeoutError(f"still waiting for {awaited}")
             time.sleep(POLL)
 
     def signal(self, pid: int, sig: signal.Signals) -> None:
@@ -66,11 +66,21 @@ def newest(report: Report, alive: bool = True) -> Generation | None:
     """The newest open generation by lineage (of a live master, with ``alive``)."""
     candidates = [g for g in report["generations"]
                   if g["open"] and (g["master_alive"] is not False or not alive)]
-    return max(candidates, key=lambda g: (g["depth"], g["generation"]), default=None)
+    return max(candidates, key=lineage, default=None)
+
+
+def lineage(gen: Generation) -> tuple[int, int]:
+    return gen["depth"], gen["generation"]
 
 
 def is_open(report: Report, number: int) -> bool:
     return any(g["generation"] == number and g["open"] for g in report["generations"])
+
+
+def serving(report: Report, master: int) -> list[Generation]:
+    """The open generations of ``master``, while it lives."""
+    return [g for g in report["generations"]
+            if g["master_pid"] == master and g["open"] and g["master_alive"]]
 
 
 def booted(gen: Generation) -> str:
@@ -85,20 +95,23 @@ def running(instance: Instance) -> Generation:
     return gen
 
 
-def ready(instance: Instance, number: int, deadline: float) -> Generation:
-    """Wait until generation ``number`` is ready; Failed if it closes or its master dies."""
+def ready(instance: Instance, master: int, deadline: float) -> Generation:
+    """Wait until the newest generation of ``master`` is ready (a HUP meanwhile opens a newer
+    one: that one is waited for); Failed when the master exits, TimeoutError at the deadline."""
+    last: list[Generation] = []
 
     def found(report: Report) -> Generation | None:
-        gen = next((g for g in report["generations"] if g["generation"] == number), None)
-        if gen is None or not gen["open"] or gen["master_alive"] is False:
-            raise Failed(f"master of generation {number} exited before it was ready")
-        return gen if gen["ready"] else None
+        gens = serving(report, master)
+        if not gens:
+            raise Failed(f"master {master} exited before its generation was ready")
+        last[:] = [max(gens, key=lineage)]
+        return last[0] if last[0]["ready"] else None
 
     try:
-        result: Generation = instance.until(found, deadline, f"generation {number} ready")
+        result: Generation = instance.until(found, deadline, f"master {master} ready")
     except TimeoutError:
-        gen = next(g for g in instance.read()["generations"] if g["generation"] == number)
-        raise TimeoutError(f"generation {number} was not ready in time ({booted(gen)})") from None
+        raise TimeoutError(f"generation {last[0]['generation']} was not ready in time "
+                           f"({booted(last[0])})") from None
     return result
 
 
@@ -108,104 +121,144 @@ def closed(instance: Instance, master: int, deadline: float, awaited: str) -> No
                                      for g in r["generations"]), deadline, awaited)
 
 
+def successor(master: int) -> int | None:
+    """The master that a USR2 to ``master`` started, found among its children by the
+    ``GUNICORN_PID`` Gunicorn hands it (its workers, forked not executed, have none of it)."""
+    try:
+        with open(f"/proc/{master}/task/{master}/children") as file:
+            children = file.read().split()
+    except OSError:
+        return None
+    for child in children:
+        try:
+            with open(f"/proc/{child}/environ", "rb") as file:
+                environ = file.read().split(b"\0")
+        except OSError:
+            continue
+        if f"GUNICORN_PID={master}".encode() in environ:
+            return int(child)
+    return None
+
+
 def upgrade(instance: Instance, timeout: float) -> str:
     """USR2, wait for the new generation ready, TERM the old master; roll back on failure.
 
-    ``timeout`` bounds each wait: the new generation's readiness, the old
-    master's closing, and a rollback's.
+    An upgrade found under way (both masters serve: one was interrupted) is
+    finished instead of started again. ``timeout`` bounds each wait: the new
+    generation's readiness, the old master's closing, and a rollback's.
     """
     deadline = time.monotonic() + timeout
-    try:
-        old = ready(instance, running(instance)["generation"], deadline)
-    except (Failed, TimeoutError) as exc:
-        raise Failed(f"not upgraded: the running generation is not ready: {exc}") from None
-    pid = old["master_pid"]
-    highest = max(g["generation"] for g in instance.read()["generations"])
-    instance.signal(pid, signal.SIGUSR2)
-    instance.progress(f"USR2 sent to master {pid} (generation {old['generation']}); waiting for "
-                      "the new master")
-
-    def started(report: Report) -> Generation | None:
-        if not any(g["master_pid"] == pid and g["open"] and g["master_alive"]
-                   for g in report["generations"]):
-            raise Failed(f"master {pid} exited during the upgrade")
-        return next((g for g in report["generations"] if g["generation"] > highest
-                     and g["parent_pid"] == pid and g["master_pid"] != pid), None)
-
-    try:
-        new = instance.until(started, deadline, "a new master")
-    except TimeoutError:
-        raise Failed(f"rolled back: no new master started within {timeout:g}s (see the "
-                     "master's log; a server started as `python -m gunicorn` cannot re-execute "
-                     "itself, README \"Zero-downtime deploys\")") from None
-    number, new_pid = new["generation"], new["master_pid"]
-    instance.progress(f"new master {new_pid} opened generation {number}; waiting until it is "
-                      "ready")
-    try:
-        ready(instance, number, deadline)
-    except (Failed, TimeoutError) as exc:
-        why = str(exc)
-        if isinstance(exc, TimeoutError):
-            instance.progress(f"{why}; TERM to the new master {new_pid}")
-            instance.signal(new_pid, signal.SIGTERM)
+    first = running(instance)
+    report = instance.read()
+    if first["parent_pid"] and serving(report, first["parent_pid"]):
+        old, new = first["parent_pid"], first["master_pid"]
+        instance.progress(f"an upgrade is under way (master {new} started by {old}): finishing it")
+    else:
+        old = first["master_pid"]
         try:
-            instance.until(lambda r: not is_open(r, number) and (newest(r) or {}).get(
-                "master_pid") == pid, time.monotonic() + timeout,
-                "the old generation newest again")
-        except TimeoutError:
-            raise Failed(f"not rolled back within {timeout:g}s: {why}; generation {number} of "
-                         f"master {new_pid} is still open") from None
-        raise Failed(f"rolled back: {why}") from None
-    instance.progress(f"generation {number} is ready; TERM to the old master {pid}")
-    instance.signal(pid, signal.SIGTERM)
+            ready(instance, old, deadline)
+        except (Failed, TimeoutError) as exc:
+            raise Failed(f"not upgraded: the running generation is not ready: {exc}") from None
+        new = start_successor(instance, old, deadline, timeout)
     try:
-        closed(instance, pid, time.monotonic() + timeout, "the old master's generations closed")
+        gen = ready(instance, new, deadline)
+    except (Failed, TimeoutError) as exc:
+        raise Failed(roll_back(instance, old, new, str(exc), timeout)) from None
+    instance.progress(f"generation {gen['generation']} is ready; TERM to the old master {old}")
+    instance.signal(old, signal.SIGTERM)
+    try:
+        closed(instance, old, time.monotonic() + timeout, "the old master's generations closed")
     except TimeoutError:
-        raise Failed(f"upgraded to generation {number} (master {new_pid}), but the old master "
-                     f"{pid} did not close its generations within {timeout:g}s") from None
-    return f"upgraded: generation {number} (master {new_pid}) is ready; master {pid} stopped"
+        raise Failed(f"upgraded to generation {gen['generation']} (master {new}), but the old "
+                     f"master {old} did not close its generations within {timeout:g}s") from None
+    return (f"upgraded: generation {gen['generation']} (master {new}) is ready; master {old} "
+            "stopped")
+
+
+def start_successor(instance: Instance, old: int, deadline: float, timeout: float) -> int:
+    """USR2 to ``old``; the new master's pid, once its generation is open in this state file."""
+    highest = max(g["generation"] for g in instance.read()["generations"])
+    instance.signal(old, signal.SIGUSR2)
+    instance.progress(f"USR2 sent to master {old}; waiting for the new master")
+
+    def started(report: Report) -> int | None:
+        if not serving(report, old):
+            raise Failed(f"master {old} exited during the upgrade")
+        return next((g["master_pid"] for g in report["generations"] if g["generation"] > highest
+                     and g["parent_pid"] == old and g["master_pid"] != old), None)
+
+    try:
+        new: int = instance.until(started, deadline, "a new master")
+    except TimeoutError:
+        stray = successor(old)
+        if stray is None:
+            raise Failed(f"rolled back: no new master started within {timeout:g}s (see the "
+                         "master's log; a server started as `python -m gunicorn` may fail to "
+                         "re-execute itself, README \"Zero-downtime deploys\")") from None
+        instance.signal(stray, signal.SIGTERM)
+        raise Failed(f"rolled back: the new master {stray} opened no generation in "
+                     f"{instance.path} within {timeout:g}s, and was stopped (a changed bind or "
+                     "state_file gives it another state file: restart the server "
+                     "instead)") from None
+    instance.progress(f"new master {new} started; waiting until its generation is ready")
+    return new
+
+
+def roll_back(instance: Instance, old: int, new: int, why: str, timeout: float) -> str:
+    """Stop the new master if it lives; the outcome, once the old generation is newest again."""
+    if serving(instance.read(), new):
+        instance.progress(f"{why}; TERM to the new master {new}")
+        instance.signal(new, signal.SIGTERM)
+    try:
+        instance.until(lambda r: not serving(r, new) and (newest(r) or {}).get(
+            "master_pid") == old, time.monotonic() + timeout, "the old generation newest again")
+    except TimeoutError:
+        return (f"not rolled back within {timeout:g}s: {why}; master {new} still serves "
+                f"{instance.path}")
+    return f"rolled back: {why}"
 
 
 def reload(instance: Instance, timeout: float) -> str:
-    """HUP; wait until the new generation is ready and the one it superseded closed."""
+    """HUP; wait until the new generation is ready and the ones it superseded closed."""
     deadline = time.monotonic() + timeout
-    old = running(instance)
-    pid, before = old["master_pid"], old["generation"]
-    highest = max(g["generation"] for g in instance.read()["generations"])
+    pid = running(instance)["master_pid"]
+    report = instance.read()
+    superseded = [g["generation"] for g in serving(report, pid)]
+    highest = max(g["generation"] for g in report["generations"])
     instance.signal(pid, signal.SIGHUP)
     instance.progress(f"HUP sent to master {pid}; waiting for its new generation")
 
     def opened(report: Report) -> Generation | None:
-        if not any(g["master_pid"] == pid and g["open"] and g["master_alive"]
-                   for g in report["generations"]):
+        if not serving(report, pid):
             raise Failed(f"master {pid} exited during the reload")
         return next((g for g in report["generations"]
                      if g["generation"] > highest and g["master_pid"] == pid), None)
 
     try:
-        number = instance.until(opened, deadline, "a new generation")["generation"]
-        ready(instance, number, deadline)
-        instance.progress(f"generation {number} is ready; waiting until generation {before} "
-                          "closes")
-        instance.until(lambda r: not is_open(r, before), deadline,
-                       f"generation {before} closed")
+        instance.until(opened, deadline, "a new generation")
+        gen = ready(instance, pid, deadline)
+        instance.progress(f"generation {gen['generation']} is ready; waiting until "
+                          f"{', '.join(map(str, superseded))} closed")
+        instance.until(lambda r: not any(is_open(r, n) for n in superseded), deadline,
+                       f"generation {', '.join(map(str, superseded))} closed")
     except TimeoutError as exc:
-        raise Failed(f"not reloaded within {timeout:g}s: waited for {exc}") from None
-    return f"reloaded: generation {number} (master {pid}) is ready; generation {before} closed"
+        raise Failed(f"not reloaded within {timeout:g}s: {exc}") from None
+    return (f"reloaded: generation {gen['generation']} (master {pid}) is ready; generation "
+            f"{', '.join(map(str, superseded))} closed")
 
 
 def wait(instance: Instance, timeout: float, until_closed: bool = False) -> str:
-    """Wait until the newest generation is ready, or (``until_closed``) none is open."""
+    """Wait until the newest generation is ready, or (``until_closed``) none is open (a
+    generation whose master died counts as closed: it serves nobody)."""
     deadline = time.monotonic() + timeout
     try:
         if until_closed:
-            instance.until(lambda r: not any(g["open"] for g in r["generations"]), deadline,
-                           "no generation open")
+            instance.until(lambda r: newest(r) is None, deadline, "every generation closed")
             return "no generation is open"
         gen = instance.until(lambda r: (g := newest(r)) and g["ready"] and g, deadline,
                              "the newest generation ready")
-    except TimeoutError as exc:
-        raise Failed(f"waited {timeout:g}s for {exc}: {describe(instance.read())}") from None
+    except TimeoutError:
+        raise Failed(f"waited {timeout:g}s: {describe(instance.read())}") from None
     return f"generation {gen['generation']} (master {gen['master_pid']}) is ready"
 
 
@@ -213,22 +266,35 @@ def describe(report: Report) -> str:
     gen = newest(report)
     if gen is None:
         return "no generation is open"
-    return (f"generation {gen['generation']} is {'ready' if gen['ready'] else 'not ready'} "
-            f"({booted(gen)})")
+    state = "ready" if gen["ready"] else f"not ready ({booted(gen)})"
+    return f"generation {gen['generation']} (master {gen['master_pid']}) is open and {state}"
 
 
-def check(instance: Instance) -> str:
-    """The newest generation's master lives, it is ready, its heartbeats are fresh."""
-    report = instance.read()
+def check(instance: Instance, timeout: float = 0.0) -> str:
+    """Healthy: the newest generation's master lives, it is ready, and its live workers'
+    heartbeats are fresh. ``timeout``: how long it may take to get there."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return health(instance.read(), instance.path)
+        except Failed:
+            if time.monotonic() >= deadline:
+                raise
+        time.sleep(POLL)
+
+
+def health(report: Report, path: str) -> str:
     gen = newest(report, alive=False)
     if gen is None:
-        raise Failed(f"no generation is open in {instance.path}: no server runs")
+        raise Failed(f"no generation is open in {path}: no server runs")
     where = f"generation {gen['generation']}"
     if gen["master_alive"] is False:
         raise Failed(f"{where}: its master {gen['master_pid']} is not running")
     if not gen["ready"]:
         raise Failed(f"{where} is not ready ({booted(gen)})")
     workers = [w for w in gen["workers"] if not w["lost"]]
+    if not workers:
+        raise Failed(f"{where} has no live worker")
     late = [w for w in workers if w["late"]]
     if late:
         raise Failed(f"{where}: the heartbeat of worker {late[0]['pid']} is "

@@ -47,6 +47,7 @@ class _Process:
     master: Master | None = None
     worker: Worker | None = None
     notify_socket: str | None = None  # systemd's, taken over from Gunicorn at on_starting
+    config: Any = None  # Gunicorn's config object that the current generation was opened with
 
 
 _here = _Process()
@@ -114,7 +115,8 @@ def state_path_for_config(config_file: str) -> str:
     from gunicorn.config import Config
 
     if not os.path.isfile(config_file):
-        raise LifecycleError(f"config file {config_file} does not exist")
+        what = "is not a file" if os.path.exists(config_file) else "does not exist"
+        raise LifecycleError(f"config file {config_file} {what}")
     cfg = Config()
     _here.configured = _here.loading = None
     instead = ("; or pass --state PATH instead of -c (the master logs its state file at "
@@ -125,7 +127,7 @@ def state_path_for_config(config_file: str) -> str:
             cfg.set("bind", namespace["bind"])
     except LifecycleError as exc:
         raise LifecycleError(f"{exc}{instead}") from None
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # a config may sys.exit() where it lacks something
         missing = exc.args[0] if isinstance(exc, KeyError) and exc.args else None
         if isinstance(missing, str) and missing not in os.environ:  # os.environ["..."]
             raise LifecycleError(f"config file {config_file} reads the environment variable "
@@ -195,7 +197,7 @@ def on_starting(server: Any) -> None:
         systemd = _take_over_systemd(server, options)
         master = Master(Transactions(state_file, server.log, systemd), server, server.master_pid)
         master.start(options)
-        _here.master, _here.starting_failed = master, False
+        _here.master, _here.starting_failed, _here.config = master, False, server.cfg
 
 
 def _take_over_systemd(server: Any, options: Options) -> Systemd | None:
@@ -250,6 +252,7 @@ def on_reload(server: Any) -> None:
                                "effect at the next start, %s stays in use",
                                master.tx.state.path)
         master.reload(options)
+        _here.config = server.cfg
 
 
 def post_fork(server: Any, worker: Any) -> None:
@@ -313,9 +316,13 @@ def child_exit(server: Any, worker: Any) -> None:
 
 
 def nworkers_changed(server: Any, new_value: int, old_value: int | None) -> None:
-    """TTIN/TTOU changed the master's worker count: the current generation's target."""
+    """TTIN/TTOU changed the master's worker count: the current generation's target.
+
+    A HUP sets the count too, from the re-read config, before ``on_reload``: that
+    count is the target of the generation it opens, not of the current one.
+    """
     master = _here.master
-    if master is not None and master.generations:
+    if master is not None and master.generations and server.cfg is _here.config:
         with _guard(server, "nworkers_changed"):
             master.follow_workers(new_value)
 

@@ -86,7 +86,8 @@ class Master:
     def follow_workers(self, target: int) -> None:
         """TTIN/TTOU (Gunicorn's num_workers changed): the current generation's target.
 
-        Fewer workers may complete a generation's readiness: then it is ready now.
+        Fewer workers may complete a generation's readiness, but not yet: Gunicorn
+        stops the oldest workers next, booted or not. Their reap decides.
         """
         self.tx.perform("target", lambda state: self._follow(state, target),
                         self.options.lock_timeout)
@@ -179,14 +180,15 @@ class Master:
             else:  # lost earlier (by heartbeat, or cut short in its exit), and now dead
                 owed.append(WorkerLost(slot.index, slot.pid, slot.started, True,
                                        self.generations[slot.generation], self.server, worker))
-        return owed + self._close_drained(state)
+        # after a TTOU, the workers left may be enough
+        ready = ready_if_complete(state, self.current, self.options, self.server)
+        return owed + ready + self._close_drained(state)
 
     def _follow(self, state: State, target: int) -> list[Owed]:
         gen = state.generation(self.current)
-        if gen is None or gen.state != GenerationState.OPEN:
-            return []
-        state.set_generation(gen.index, target=target)
-        return ready_if_complete(state, gen.number, self.options, self.server)
+        if gen is not None and gen.state == GenerationState.OPEN:
+            state.set_generation(gen.index, target=target)
+        return []
 
     def _exit(self, state: State) -> list[Owed]:
         here = Here(state, self.tx.file.fd)

@@ -49,7 +49,7 @@ def render(reports: Iterable[Report]) -> str:
         lines.append(f"# TYPE {PREFIX}{name} {kind}")
         for labels, value in samples:
             text = ",".join(f'{key}="{_escape(str(v))}"' for key, v in labels.items())
-            lines.append(f"{PREFIX}{name}{{{text}}} {value:g}")
+            lines.append(f"{PREFIX}{name}{{{text}}} {_number(value)}")
 
     family("generations_open", "gauge", "Generations whose master serves them (open, or "
            "draining after HUP).",
@@ -65,6 +65,11 @@ def render(reports: Iterable[Report]) -> str:
                (({"state_file": r["state_file"], "reason": reason}, count)
                 for r in reports for reason, count in r["seen"][event].items()))
     return "\n".join(lines) + "\n"
+
+
+def _number(value: float) -> str:
+    """Exactly: a count as a whole number (``:g`` would round 1234567 to 1.23457e+06)."""
+    return str(value) if isinstance(value, int) else repr(float(value))
 
 
 def _escape(value: str) -> str:

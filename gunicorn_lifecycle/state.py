@@ -131,9 +131,10 @@ class State:
     def set_header(self, word: int, value: int) -> None:
         self.words[word] = value
 
-    def tally(self, table: H, reason: Reason) -> None:
-        """Count one more generation opened or closed, or worker lost, for ``reason``."""
-        self.words[table + reason] += 1
+    def tally(self, table: H, reason: Reason, change: int = 1) -> None:
+        """Count one more generation opened or closed, or worker lost, for ``reason`` (or one
+        less: a loss that never happened)."""
+        self.words[table + reason] += change
 
     # generations
 

@@ -16,10 +16,12 @@ from .layout import (
     GENERATION_WORDS,
     GENERATIONS,
     SLOT_WORDS,
+    SLOTS_AT,
     GenerationState,
     H,
     Readiness,
     Reason,
+    S,
     SlotState,
     generation_at,
     slot_at,
@@ -74,7 +76,11 @@ def snapshot(words: Words, fd: int) -> dict[str, Any]:
             "master_alive": here.master_alive(gen),
             "workers": [],
         }
+    states = words.column(SLOTS_AT + S.STATE, SLOT_WORDS, words.slots)
+    sequences = words.column(SLOTS_AT + S.SEQ, SLOT_WORDS, words.slots)
     for index in range(words.slots):
+        if states[index] == SlotState.FREE and sequences[index] % 2 == 0:
+            continue  # free and not being written: nothing to copy (most slots, mostly)
         values = words.read(slot_at(index), SLOT_WORDS)
         if values is None:
             unknown.append(f"worker slot {index}")

@@ -143,7 +143,8 @@ class Transactions:
 
         Without the turn in time, an end is still counted, its callback skipped; a
         start is not counted at all, so that nobody gets an end whose start they
-        never saw (the worker or generation stays out of the counts).
+        never saw (the worker or generation stays out of the counts); a ready,
+        which changes no count, stays owed, for a later sweep to deliver.
         """
         options = owed.options
         callbacks = options.callbacks(owed.callback)
@@ -158,6 +159,10 @@ class Transactions:
                 if event is not None:
                     run_callbacks(owed.callback, callbacks, event, options.on_error, self.log)
         except TurnTimeout as exc:
+            if owed.callback == "master_ready":
+                self.log.error("gunicorn_lifecycle: %s; master_ready stays owed: a later sweep "
+                               "delivers it", exc)
+                return
             if owed.callback.endswith("_start"):
                 self.log.error("gunicorn_lifecycle: %s; no %s callback: what it starts stays "
                                "out of the counts and gets no end event", exc, owed.callback)

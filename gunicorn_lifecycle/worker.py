@@ -68,13 +68,14 @@ class Worker:
         """post_worker_init: the application is loaded (only the flags word is written).
 
         The boot that brings its generation's booted workers to the target makes
-        the generation ready, and runs ``master_ready`` here.
+        the generation ready, and runs ``master_ready`` here. A worker taken for
+        lost meanwhile is marked too: it counts as booted when it comes back.
         """
         owed: list[Owed] = []
         with self.tx.bookkeeping("booted", self.options.lock_timeout) as state:
             if self.index is not None:
                 slot = state.slot(self.index)
-                if slot.owner == self.token:
+                if self._is_mine(slot) and slot.state != SlotState.FREE:
                     state.set_flags(self.index, slot.flags | Flag.BOOTED)
                     owed = ready_if_complete(state, self.generation, self.options, self.server,
                                              self.worker)
@@ -195,11 +196,16 @@ class Worker:
             return []
         owed_loss = slot.state == SlotState.REGISTERED or slot.counted
         self._own(state, index, registered=True)
-        if owed_loss:
-            return []  # the loss was never delivered (or cut short): it never happened
+        # Back, it may complete its generation's readiness (it booted while it was lost).
+        ready = ready_if_complete(state, self.generation, self.options, self.server, self.worker)
+        if owed_loss:  # the loss was never delivered (or cut short): it never happened
+            if slot.state == SlotState.LOST:
+                state.tally(H.LOST_TALLY, slot.reason, -1)
+            return ready
         self.log.warning("gunicorn_lifecycle: worker %s was counted as lost (its heartbeat "
                          "overran) but is alive; registered again", self.pid)
-        return [WorkerStarted(index, self.token, True, self.options, self.server, self.worker)]
+        return [WorkerStarted(index, self.token, True, self.options, self.server, self.worker),
+                *ready]
 
     def _leave(self, state: State) -> list[Owed]:
         assert self.index is not None

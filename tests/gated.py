@@ -1,7 +1,8 @@
 """An application whose workers boot only when the test lets them: one token each.
 
-A worker's import of ``gated_app`` takes a token file from ``$BOOT_TOKENS`` and
-loads the example app; with none there, it waits. ``$BROKEN_DEPLOY``, when that
+A worker's import of ``gated_app`` takes a token file from ``$BOOT_TOKENS`` (any
+``any.*``, or the ``pid.<its pid>`` one) and loads the example app; with none
+there, it waits. ``$BROKEN_DEPLOY``, when that
 file exists, makes the import fail instead (a deploy of broken code).
 """
 
@@ -30,7 +31,9 @@ if os.path.exists(os.environ.get("BROKEN_DEPLOY", "/nonexistent")):
 tokens = os.environ.get("BOOT_TOKENS")
 if tokens:  # a worker stopped while it waits exits at once, as one loading its app would
     gunicorns = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
-    while not any(take(os.path.join(tokens, name)) for name in os.listdir(tokens)):
+    mine = "pid.%d" % os.getpid()
+    while not any(take(os.path.join(tokens, name)) for name in os.listdir(tokens)
+                  if name.startswith("any.") or name == mine):
         time.sleep(0.02)
     signal.signal(signal.SIGTERM, gunicorns)
 
@@ -58,10 +61,14 @@ class Gate:
         return {"BOOT_TOKENS": str(self.tokens), "BROKEN_DEPLOY": str(self.broken)}
 
     def let(self, workers: int) -> None:
-        """Let ``workers`` more workers boot."""
+        """Let ``workers`` more workers boot, whichever come first."""
         for _ in range(workers):
             self._issued += 1
-            (self.tokens / str(self._issued)).touch()
+            (self.tokens / f"any.{self._issued}").touch()
+
+    def let_pid(self, pid: int) -> None:
+        """Let the worker ``pid`` boot."""
+        (self.tokens / f"pid.{pid}").touch()
 
     def server(self, make: Callable[..., Server], **options: Any) -> Server:
         """A server of ``make`` that runs the gated application."""

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import mmap
+import os
 import signal
 from collections.abc import Callable
 from pathlib import Path
@@ -10,6 +12,8 @@ from typing import Any
 
 from gated import Gate
 
+from gunicorn_lifecycle.layout import H
+from gunicorn_lifecycle.process import own_start_time
 from gunicorn_lifecycle.status import read_status
 from harness import Server, check_record, wait_for
 
@@ -70,22 +74,94 @@ def test_ready_once_per_generation_after_its_last_boot_through_ttin_hup_and_usr2
     check_record(s.events())
 
 
-def test_ttou_that_completes_readiness_runs_master_ready_in_the_master(
+def test_ttou_that_stops_a_worker_still_booting_makes_the_generation_ready_in_the_master(
     server: Make, tmp_path: Path
 ) -> None:
     gate = Gate(tmp_path)
     s = gate.start(gate.server(server, workers=2, interval=0.2, failed=1.0), wait_workers=2)
     number = s.events("master_start")[0]["generation"]
-    gate.let(1)
-    wait_for(lambda: booted(s, number) == 1, "one of two workers booted")
-    assert not s.events("master_ready")
-    s.signal(signal.SIGTTOU)  # one worker is the target now, and one has booted
+    oldest, youngest = sorted(e["pid"] for e in s.events("worker_start"))
+    gate.let_pid(youngest)
+    wait_for(lambda: booted(s, number) == 1, "the youngest worker booted")
+    s.signal(signal.SIGTTOU)  # Gunicorn stops the oldest, still booting: one booted is enough
     (ready,) = s.wait_count("master_ready", 1)
     assert ready["in_pid"] == s.pid and ready["generation"] == number
     assert generation(s, number)["ready"] and generation(s, number)["target"] == 1
-    gate.let(1)  # the survivor may be the one still waiting to boot
+    s.wait_exit(oldest)
     s.stop()
     assert len(s.events("master_ready")) == 1
+    check_record(s.events())
+
+
+def test_ttou_that_stops_a_booted_worker_leaves_the_generation_not_ready(
+    server: Make, tmp_path: Path
+) -> None:
+    gate = Gate(tmp_path)
+    s = gate.start(gate.server(server, workers=3, interval=0.2, failed=1.0), wait_workers=3)
+    number = s.events("master_start")[0]["generation"]
+    oldest, middle, youngest = sorted(e["pid"] for e in s.events("worker_start"))
+    gate.let_pid(oldest)
+    gate.let_pid(middle)
+    wait_for(lambda: booted(s, number) == 2, "two of three workers booted")
+    s.signal(signal.SIGTTOU)  # the target is 2, but Gunicorn stops the oldest, booted one
+    s.wait_count("worker_exit", 1, pid=oldest)
+    wait_for(lambda: booted(s, number) == 1 and generation(s, number)["target"] == 2,
+             "one booted worker left of a target of two")
+    assert not s.events("master_ready") and not generation(s, number)["ready"]
+    gate.let_pid(youngest)
+    (ready,) = s.wait_count("master_ready", 1)
+    assert ready["in_pid"] == youngest
+    s.stop()
+    check_record(s.events())
+
+
+def test_a_worker_that_booted_while_taken_for_lost_completes_readiness_when_back(
+    server: Make, tmp_path: Path
+) -> None:
+    gate = Gate(tmp_path)
+    s = gate.start(gate.server(server, workers=2, interval=0.1, failed=0.2), wait_workers=2)
+    number = s.events("master_start")[0]["generation"]
+    first, second = sorted(e["pid"] for e in s.events("worker_start"))
+    gate.let_pid(first)
+    wait_for(lambda: booted(s, number) == 1, "the first worker booted")
+    os.kill(first, signal.SIGSTOP)
+    try:
+        s.wait_count("worker_lost", 1, pid=first)  # found by the second one's sweep
+        gate.let_pid(second)
+        wait_for(lambda: booted(s, number) == 1 and any(
+            w["pid"] == second and w["booted"] for w in generation(s, number)["workers"]),
+            "the second worker booted while the first counts as lost")
+        assert not s.events("master_ready")
+    finally:
+        os.kill(first, signal.SIGCONT)
+    s.wait_count("worker_start", 1, pid=first, reason="resume")
+    (ready,) = s.wait_count("master_ready", 1)
+    assert ready["in_pid"] == first and booted(s, number) == 2
+    s.stop()
+    check_record(s.events())
+
+
+def test_a_hup_that_changes_the_worker_count_leaves_the_old_generation_alone(
+    server: Make, tmp_path: Path
+) -> None:
+    gate = Gate(tmp_path)
+    s = gate.server(server, workers=3, interval=0.2, failed=1.0)
+    s.conf.write_text(s.conf.read_text().replace("workers = 3", "import os\n"
+                                                 "workers = int(os.environ.get('WORKERS', 3))"))
+    gate.start(s, wait_workers=3)
+    number = s.events("master_start")[0]["generation"]
+    gate.let(2)
+    wait_for(lambda: booted(s, number) == 2, "two of three workers booted")
+    s.conf.write_text(s.conf.read_text().replace("os.environ.get('WORKERS', 3)", "2"))
+    s.signal(signal.SIGHUP)
+    reload = s.wait_count("master_start", 2)[-1]
+    assert generation(s, reload["generation"])["target"] == 2, "the new count is the new one's"
+    old = [g for g in read_status(s.state_file)["generations"] if g["generation"] == number]
+    assert not old or (old[0]["target"], old[0]["ready"]) == (3, False), old
+    gate.let(2)
+    ready = s.wait_count("master_ready", 1)
+    assert [e["generation"] for e in ready] == [reload["generation"]]
+    s.stop()
     check_record(s.events())
 
 
@@ -100,4 +176,28 @@ def test_a_generation_closed_before_it_was_ready_never_is(server: Make, tmp_path
     ready = s.wait_count("master_ready", 1)
     assert [e["generation"] for e in ready] == [number + 1], "the superseded one never is"
     s.stop()
+    check_record(s.events())
+
+
+def test_master_ready_waits_out_a_busy_turn_and_is_delivered_once(
+    server: Make, tmp_path: Path
+) -> None:
+    gate = Gate(tmp_path)
+    s = gate.start(gate.server(server, workers=2, interval=0.1, failed=0.3, lock_timeout=0.5),
+                   wait_workers=2)
+    with open(s.state_file, "r+b") as file, mmap.mmap(file.fileno(), 0) as mapped:
+        words = memoryview(mapped).cast("q")
+        # Another live process (this one) holds the turn: its callbacks run as long as it likes.
+        words[H.TURN_STARTED], words[H.TURN_PID] = own_start_time(), os.getpid()
+        try:
+            gate.let(2)
+            wait_for(lambda: "master_ready stays owed" in s.log_text(),
+                     "the ready worker to give up on the turn")
+            assert generation(s, 1)["ready"] and not s.events("master_ready")
+        finally:
+            words[H.TURN_PID] = 0
+            words.release()
+    s.wait_count("master_ready", 1)  # a later sweep delivers it
+    s.stop()
+    assert len(s.events("master_ready")) == 1
     check_record(s.events())
