@@ -25,6 +25,7 @@ if TYPE_CHECKING:
         on_starting,
         post_fork,
         post_worker_init,
+        pre_fork,
         worker_abort,
         worker_exit,
     )
@@ -45,6 +46,7 @@ __all__ = [
     "on_starting",
     "post_fork",
     "post_worker_init",
+    "pre_fork",
     "worker_abort",
     "worker_exit",
 ]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
 from typing import Any
@@ -26,12 +26,11 @@ from .master import Master
 from .options import Callbacks, OnError, Options, SystemdMode
 from .statefile import default_path, make_default_directory, open_for_server
 from .systemd import Systemd
-from .threads import allocate_lock
 from .transaction import Transactions
 from .worker import Worker
 
-HOOKS = ("on_starting", "on_reload", "post_fork", "post_worker_init", "worker_exit",
-         "worker_abort", "child_exit", "nworkers_changed", "on_exit")
+HOOKS = ("on_starting", "on_reload", "pre_fork", "post_fork", "post_worker_init",
+         "worker_exit", "worker_abort", "child_exit", "nworkers_changed", "on_exit")
 # Gunicorn executes its config file as a module of this name.
 _CONFIG_MODULE = "__config__"
 
@@ -46,7 +45,7 @@ class _Process:
     off = False  # the state file was found damaged: the lifecycle is off here
     master: Master | None = None
     worker: Worker | None = None
-    notify_socket: str | None = None  # systemd's, taken over from Gunicorn at on_starting
+    notify_socket: str | None = None  # systemd's, held back from Gunicorn's early READY=1
     config: Any = None  # Gunicorn's config object that the current generation was opened with
 
 
@@ -194,46 +193,39 @@ def on_starting(server: Any) -> None:
         state_file = open_for_server(path, options.slots)
         server.log.info("gunicorn_lifecycle: state file %s", path)
         _check_wiring(server)
-        systemd = _take_over_systemd(server, options)
+        systemd = _systemd(server, options)
         master = Master(Transactions(state_file, server.log, systemd), server, server.master_pid)
         master.start(options)
         _here.master, _here.starting_failed, _here.config = master, False, server.cfg
+        if systemd is not None:
+            # Gunicorn's own READY=1, sent right after this hook before any worker exists,
+            # goes nowhere; pre_fork puts the socket back for everyone once it is sent.
+            _here.notify_socket = os.environ.pop("NOTIFY_SOCKET")
 
 
-def _take_over_systemd(server: Any, options: Options) -> Systemd | None:
-    """Take systemd's notification socket from Gunicorn, which would say READY=1 before any
-    worker exists; None when systemd is not told (``systemd=False``, or not run by it)."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if options.systemd is False or not (address or options.systemd is True):
+def _systemd(server: Any, options: Options) -> Systemd | None:
+    """What tells systemd, when the plugin takes the protocol over from Gunicorn; None when
+    systemd is not told (``systemd=False``, or not run by systemd)."""
+    if options.systemd is False or not (os.environ.get("NOTIFY_SOCKET") or
+                                        options.systemd is True):
         return None
-    if not address:
+    if not os.environ.get("NOTIFY_SOCKET"):
         server.log.error("gunicorn_lifecycle: systemd=True, but NOTIFY_SOCKET is not set: run "
                          "the server from a unit with Type=notify and NotifyAccess=all")
         return None
-    del os.environ["NOTIFY_SOCKET"]  # Gunicorn's own READY=1, right after this hook, is lost
-    _here.notify_socket = address
     watchdog = int(os.environ.get("WATCHDOG_USEC", "0") or 0) / 1e6
     if watchdog and watchdog <= 2 * options.interval:
         server.log.warning("gunicorn_lifecycle: WatchdogSec=%gs is too short for interval=%gs: "
                            "the watchdog is fed once per interval; make it at least %gs",
                            watchdog, options.interval, 2 * options.interval + options.failed)
-    return Systemd(_sender(address, server.log), watchdog > 0)
+    return Systemd(lambda message: sd_notify(message, server.log), watchdog > 0)
 
 
-def _sender(address: str, log: Any) -> Callable[[str], None]:
-    """Gunicorn's sd_notify, which finds the socket in the environment: it is put there for
-    the call alone (one thread at a time), so that nothing else inherits or uses it."""
-    one_at_a_time = allocate_lock()
-
-    def send(message: str) -> None:
-        with one_at_a_time:
-            os.environ["NOTIFY_SOCKET"] = address
-            try:
-                sd_notify(message, log)
-            finally:
-                os.environ.pop("NOTIFY_SOCKET", None)
-
-    return send
+def pre_fork(server: Any, worker: Any) -> None:
+    """Before the master forks a worker (after Gunicorn's early READY=1): systemd's socket is
+    back in the environment, where Gunicorn's sd_notify (and a USR2 master) find it."""
+    if _here.notify_socket is not None and "NOTIFY_SOCKET" not in os.environ:
+        os.environ["NOTIFY_SOCKET"] = _here.notify_socket
 
 
 def on_reload(server: Any) -> None:
@@ -241,10 +233,6 @@ def on_reload(server: Any) -> None:
     master = _here.master
     if master is None:
         return
-    if _here.notify_socket is not None:
-        # Gunicorn hands a USR2 master the environment its config was read in: the re-read
-        # one was read without the socket, and a USR2 after this HUP must still reach systemd.
-        server.cfg.env_orig["NOTIFY_SOCKET"] = _here.notify_socket
     with _guard(server, "on_reload"):
         options = _options(server)
         if options.state_file not in (None, master.tx.state.path):

@@ -252,6 +252,8 @@ def close_dead(state: State, gen: Generation, here: Here, options: Options, serv
         if slot.generation == gen.number and here.alive(slot.pid, slot.started, gen.pidns) is False:
             owed += lose(state, slot, Reason.CRASH, True, options, server)
     reason = exit_reason(state, gen, here, master_alive=False)
+    if reason == Reason.ROLLBACK:
+        state.mark(Moment.ROLLED_BACK, gen)  # systemd follows the old master again
     state.note("gunicorn_lifecycle: master %s died without on_exit; its generation %s closes "
                "(%s)", gen.master_pid, gen.number, reason.text)
     if reason == Reason.CRASH and not any(

@@ -4,9 +4,9 @@ Gunicorn says ``READY=1`` as soon as its master has sockets, before any worker
 exists, and nothing after. With the plugin, the process that sees a moment says
 it (the unit needs ``NotifyAccess=all``):
 
-- ``READY=1`` when a generation is ready (section 8); for a ``USR2`` master's,
-  ``MAINPID=<it>`` first, so that systemd follows the new master and keeps the
-  unit when the old one exits;
+- ``MAINPID=<its master>`` and ``READY=1`` when a generation is ready (section
+  8): after a ``USR2``, systemd follows the new master and keeps the unit when
+  the old one exits (and a ``HUP`` to the new master first changes nothing);
 - ``RELOADING=1`` with ``MONOTONIC_USEC`` at ``HUP``;
 - ``STOPPING=1`` when the last generation's master stops (not an old master
   retiring after ``USR2``); ``MAINPID=<parent>`` when a new master exits and the
@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from enum import Enum
 
-from .layout import GenerationState, Reason
+from .layout import GenerationState
 from .state import Generation, State
 
 Send = Callable[[str], None]
@@ -53,9 +53,8 @@ class Systemd:
         (no moment, and the counts not ``changed``)."""
         found = []
         for moment, gen in moments:
-            if moment == Moment.READY:
-                found.append(f"MAINPID={gen.master_pid}\nREADY=1" if gen.opened == Reason.UPGRADE
-                             else "READY=1")
+            if moment == Moment.READY:  # its master is the one to follow (a USR2 master's
+                found.append(f"MAINPID={gen.master_pid}\nREADY=1")  # too after a HUP)
             elif moment == Moment.RELOADING:
                 found.append(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
             elif moment == Moment.STOPPING:

@@ -102,12 +102,14 @@ class Transactions:
                     said = self.systemd.message(self.state, self.state.moments,
                                                 changed=what in CALLBACKS)
         finally:
-            self._inside.discard(me)
             notes, self.state.notes, self.state.moments = self.state.notes, [], []
-            for message, args in notes:
-                self.log.warning(message, *args)
-            if said and self.systemd is not None:
-                self.systemd.send(said)
+            try:
+                for message, args in notes:
+                    self.log.warning(message, *args)
+                if said and self.systemd is not None:
+                    self.systemd.send(said)
+            finally:  # a hook that a signal handler runs meanwhile is still deferred
+                self._inside.discard(me)
 
     def perform(self, what: str, work: Work, timeout: float) -> None:
         """Do ``work`` under the lock, then deliver the events it owes, in order.

@@ -3,6 +3,7 @@ would receive it (SPEC section 9): a datagram socket bound as ``NOTIFY_SOCKET``.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import signal
@@ -16,12 +17,14 @@ from pathlib import Path
 
 import pytest
 from gated import Gate
+from states import fresh, write
 
 from gunicorn_lifecycle.status import read_status
-from harness import GUNICORN, Server, check_record, wait_for
+from harness import GUNICORN, Server, alive, check_record, wait_for
 
 Make = Callable[..., Server]
 GUNICORNS_OWN = "READY=1\nSTATUS=Gunicorn arbiter booted"
+FILLER = "X_FILLER=1"  # what the test itself queues to make a sender wait
 
 
 class Systemd:
@@ -34,15 +37,36 @@ class Systemd:
         self._socket.bind(str(path))
         self._socket.settimeout(0.1)
         self._stop = threading.Event()
+        self._paused = threading.Event()
         self._thread = threading.Thread(target=self._receive)
         self._thread.start()
 
     def _receive(self) -> None:
         while not self._stop.is_set():
+            if self._paused.is_set():
+                self._stop.wait(0.01)
+                continue
             try:
-                self.received.append(self._socket.recv(4096).decode())
+                message = self._socket.recv(4096).decode()
             except TimeoutError:
                 continue
+            if message != FILLER:
+                self.received.append(message)
+
+    def pause(self) -> None:
+        """Stop reading, and fill the socket's queue: the next sender blocks until resume()."""
+        self._paused.set()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as filler:
+            filler.connect(str(self.path))
+            filler.setblocking(False)
+            try:
+                while True:
+                    filler.send(FILLER.encode())
+            except BlockingIOError:
+                pass
+
+    def resume(self) -> None:
+        self._paused.clear()
 
     def close(self) -> None:
         self._stop.set()
@@ -81,7 +105,7 @@ def test_ready_only_once_every_worker_booted(server: Make, systemd: Systemd,
     (ready,) = systemd.wait("READY=1")
     booted = [w["booted"] for g in read_status(s.state_file)["generations"] for w in g["workers"]]
     assert booted == [True, True], "said by the boot that made the generation ready"
-    assert ready == "READY=1\nSTATUS=generation 1 (start, ready): 2 of 2 workers"
+    assert ready == f"MAINPID={s.pid}\nREADY=1\nSTATUS=generation 1 (start, ready): 2 of 2 workers"
     assert GUNICORNS_OWN not in systemd.received
     s.stop()
     systemd.wait("STOPPING=1")
@@ -103,7 +127,7 @@ def test_reload_then_upgrade_then_stop(server: Make, systemd: Systemd,
 
     s.signal(signal.SIGUSR2)  # after the HUP: the re-read config must still hand on the socket
     upgrade = s.wait_count("master_start", 1, reason="upgrade")[0]
-    (mainpid,) = systemd.wait("MAINPID=")
+    (mainpid,) = systemd.wait(f"MAINPID={upgrade['in_pid']}")
     assert mainpid.startswith(f"MAINPID={upgrade['in_pid']}\nREADY=1\n"), mainpid
     assert len(s.events("worker_start", generation=upgrade["generation"])) == 2
     s.signal(signal.SIGTERM)  # the old master retires: the unit is not stopping
@@ -121,10 +145,10 @@ def test_a_rollback_gives_the_main_pid_back(server: Make, systemd: Systemd) -> N
     systemd.wait("READY=1")
     s.signal(signal.SIGUSR2)
     upgrade = s.wait_count("master_start", 1, reason="upgrade")[0]
-    systemd.wait("MAINPID=")
+    systemd.wait(f"MAINPID={upgrade['in_pid']}")
     s.signal(signal.SIGTERM, upgrade["in_pid"])  # back to the old master
-    back = systemd.wait("MAINPID=", 2)[1]
-    assert back.startswith(f"MAINPID={s.pid}\n"), back
+    back = systemd.wait(f"MAINPID={s.pid}", 2)[1]
+    assert back.startswith(f"MAINPID={s.pid}\nSTATUS="), back
     assert not systemd.saying("STOPPING=1")
     s.stop()
     systemd.wait("STOPPING=1")
@@ -158,6 +182,75 @@ def test_systemd_false_leaves_gunicorns_own_notification(server: Make, systemd: 
     gate.let(2)
     s.stop()
     assert systemd.received == [GUNICORNS_OWN]
+
+
+def test_a_usr2_master_given_a_hup_before_it_was_ready_is_followed(
+    server: Make, systemd: Systemd, tmp_path: Path
+) -> None:
+    gate = Gate(tmp_path)
+    s = gate.server(server, workers=2, interval=0.2, failed=1.0)
+    s.start(wait_workers=2, env={**gate.env, **systemd.env})
+    gate.let(2)
+    systemd.wait("READY=1")
+    s.signal(signal.SIGUSR2)
+    upgrade = s.wait_count("master_start", 1, reason="upgrade")[0]
+    s.signal(signal.SIGHUP, upgrade["in_pid"])  # before its workers booted
+    reload = s.wait_count("master_start", 1, reason="reload")[0]
+    gate.let(4)
+    s.wait_count("master_ready", 1, generation=reload["generation"])
+    (follow,) = systemd.wait(f"MAINPID={upgrade['in_pid']}")
+    assert follow.startswith(f"MAINPID={upgrade['in_pid']}\nREADY=1\n"), follow
+    assert f"generation {reload['generation']} (reload, ready)" in follow
+
+
+def test_a_new_master_killed_gives_the_main_pid_back(server: Make, systemd: Systemd) -> None:
+    s = server(workers=1, interval=0.2, failed=0.5).start(wait_workers=1, env=systemd.env)
+    systemd.wait("READY=1")
+    s.signal(signal.SIGUSR2)
+    upgrade = s.wait_count("master_start", 1, reason="upgrade")[0]
+    systemd.wait(f"MAINPID={upgrade['in_pid']}")
+    os.kill(upgrade["in_pid"], signal.SIGKILL)  # no on_exit: whoever finds it dead says so
+    back = systemd.wait(f"MAINPID={s.pid}", 2)[1]
+    assert back.startswith(f"MAINPID={s.pid}\nSTATUS="), back
+    assert s.wait_count("master_exit", 1)[0]["reason"] == "rollback"
+    s.stop()
+
+
+def test_a_start_that_could_not_open_a_generation_leaves_gunicorns_ready(
+    server: Make, systemd: Systemd
+) -> None:
+    s = server(workers=1, lock_timeout=0.5)
+    write(Path(s.state_file), fresh(8))
+    with open(s.state_file, "rb") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # nobody gets the lock: the lifecycle is off
+        s.start(env=systemd.env)
+        systemd.wait("READY=1")
+    assert systemd.received == [GUNICORNS_OWN], "the unit starts anyway"
+    s.kill_all()
+
+
+def test_a_reap_while_a_datagram_waits_is_deferred_on_gunicorn_23(server: Make,
+                                                                  systemd: Systemd) -> None:
+    # Gunicorn 21-23 reap in their SIGCHLD handler, which runs when the master's send is
+    # interrupted: the reap's bookkeeping must wait for the send, not nest inside it.
+    s = server(workers=2, interval=0.5, failed=1.0, gunicorn="23.0.0")
+    s.start(wait_workers=2, env=systemd.env)
+    systemd.wait("READY=1")
+    victim = s.live_workers(s.pid)[0]
+    systemd.pause()
+    s.signal(signal.SIGHUP)
+    wait_for(lambda: Path(f"/proc/{s.pid}/wchan").read_text() == "unix_wait_for_peer",
+             "the master waiting to send RELOADING=1")
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: not alive(victim), "the killed worker reaped, in the handler")
+    systemd.resume()
+    lost = s.wait_count("worker_lost", 1)[0]
+    assert lost["pid"] == victim and lost["reason"] == "crash"
+    systemd.wait("RELOADING=1")
+    systemd.wait("READY=1", 2)
+    s.stop()
+    systemd.wait("STOPPING=1")
+    check_record(s.events())
 
 
 def _user_manager() -> bool:
