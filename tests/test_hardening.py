@@ -360,7 +360,8 @@ def test_a_lock_timeout_at_start_is_logged_and_the_server_serves(server: Make) -
         fcntl.flock(lock, fcntl.LOCK_EX)  # the lock is the state file's own
         s.start()
         wait_for(lambda: "gave up on master_start" in s.log_text(), "the lock timeout error")
-        wait_for(lambda: s.request().startswith(b"HTTP/1.0 200"), "the server to serve")
+        wait_for(lambda: os.path.exists(s.sock) and s.request().startswith(b"HTTP/1.0 200"),
+                 "the server to serve")
     assert "wire `on_starting" not in s.log_text()
     s.stop()
     assert s.events() == []
