@@ -209,9 +209,11 @@ def roll_back(instance: Instance, old: int, new: int, why: str, timeout: float) 
     if serving(instance.read(), new):
         instance.progress(f"{why}; TERM to the new master {new}")
         instance.signal(new, signal.SIGTERM)
-    try:
-        instance.until(lambda r: not serving(r, new) and (newest(r) or {}).get(
-            "master_pid") == old, time.monotonic() + timeout, "the old generation newest again")
+    try:  # the new master's generations closed (a dead one's by whoever finds it dead)
+        instance.until(lambda r: not any(g["open"] and g["master_pid"] == new
+                                         for g in r["generations"])
+                       and (newest(r) or {}).get("master_pid") == old,
+                       time.monotonic() + timeout, "the old generation newest again")
     except TimeoutError:
         return (f"not rolled back within {timeout:g}s: {why}; master {new} still serves "
                 f"{instance.path}")

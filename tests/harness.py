@@ -207,6 +207,17 @@ class Server:
         self._wait(lambda: booted(self.state_file, workers), "the workers to boot"
                    if workers is None else f"one generation of {workers} booted workers")
 
+    def wait_settled(self) -> None:
+        """Wait until the workers booted and each ready generation's master_ready was told: no
+        delivery is under way, so a worker stopped now holds neither the lock nor the turn."""
+        from gunicorn_lifecycle.status import read_status
+
+        self.wait_booted()
+        self._wait(lambda: {g["generation"] for g in read_status(self.state_file)["generations"]
+                            if g["ready"]} <= {e["generation"] for e in
+                                              self.events("master_ready")},
+                   "every ready generation's master_ready told")
+
     def _wait(self, condition: Callable[[], Any], what: str, timeout: float = 15.0) -> Any:
         """wait_for, with Gunicorn's log as it is when the wait fails."""
         try:

@@ -142,7 +142,7 @@ def test_a_worker_aborted_for_its_timeout_is_lost_for_timeout(server: Make,
                "timeout = 1")
     s.app = CLASSES[worker_class]
     s.start(wait_workers=2)
-    s.wait_booted()
+    s.wait_settled()
     victim = s.events("worker_start")[0]["pid"]
     os.kill(victim, signal.SIGSTOP)
     lost = s.wait_count("worker_lost", 1, timeout=20)[0]

@@ -231,6 +231,7 @@ def test_privilege_drop_leaves_workers_no_way_to_truncate(shared_dir: Path) -> N
             return len(ages) == 2 and all(age < 0.2 for age in ages)
 
         wait_for(fresh_beats, "heartbeats written by the unprivileged workers")
+        s.wait_settled()
         os.kill(workers[0], signal.SIGSTOP)  # found by the other worker's sweep, as nobody
         try:
             lost = s.wait_count("worker_lost", 1)[0]

@@ -159,6 +159,7 @@ def test_killed_master_then_restart(server: Make) -> None:
 def test_stopped_worker_is_lost_by_heartbeat_and_comes_back(server: Make) -> None:
     s = server(workers=2, interval=0.3, failed=0.3, settings="timeout = 0")
     s.start(wait_workers=2)
+    s.wait_settled()
     victim = s.events("worker_start")[0]["pid"]
     try:
         stopped_at = time.monotonic()

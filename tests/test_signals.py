@@ -36,7 +36,7 @@ def blocked_signals(pid: int) -> dict[int, str]:
 def test_no_signal_is_ever_blocked_for_callbacks_or_their_children(server: Make) -> None:
     s = server(workers=3, probe=True, interval=0.2, failed=0.3, settings="timeout = 0")
     s.start(wait_workers=3)
-    s.wait_booted()
+    s.wait_settled()
     victim = s.events("worker_start")[0]["pid"]
     os.kill(victim, signal.SIGSTOP)  # its loss is told by another worker's courier thread
     try:

@@ -77,6 +77,7 @@ def test_a_stopped_worker_ages_and_is_flagged(server: Make) -> None:
         assert worker["pid"] == victim
         return worker["heartbeat_age"], worker["late"]
 
+    s.wait_settled()
     os.kill(victim, signal.SIGSTOP)
     try:
         first = wait_for(lambda: (a := age())[1] and a, "the stopped worker to be flagged late")

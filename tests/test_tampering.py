@@ -160,7 +160,7 @@ def test_a_burst_of_reloads_that_outruns_the_records(server: Make) -> None:
     try:
         for n in range(layout.GENERATIONS + 3):
             s.wait_count("worker_start", n + 1)  # each reload forks one worker
-            s.wait_booted()  # a worker signalled before it set up its handlers would miss it
+            s.wait_settled()  # handlers set up (a signal before would be missed), nothing owed
             for pid in s.live_workers(s.pid):
                 if pid not in stopped:  # old workers that do not drain (stuck on a request)
                     os.kill(pid, signal.SIGSTOP)
@@ -189,7 +189,7 @@ def test_a_crash_after_a_burst_of_reloads_does_not_wedge_the_next_start(server: 
     stopped: list[int] = []
     for n in range(layout.GENERATIONS - 1):
         s.wait_count("worker_start", n + 1)
-        s.wait_booted()
+        s.wait_count("master_ready", n + 1)  # told: no worker is stopped holding the turn
         for pid in s.live_workers(s.pid):
             if pid not in stopped:
                 os.kill(pid, signal.SIGSTOP)

@@ -75,6 +75,7 @@ def test_start_reload_upgrade_crash_stop(server: Make, worker_class: str) -> Non
 def test_heartbeat_neither_starved_nor_late_to_exit(server: Make, worker_class: str) -> None:
     s = make(server, worker_class, workers=2, interval=0.3, failed=0.3, settings="timeout = 0")
     s.start(wait_workers=2)
+    s.wait_settled()
     busy_until = time.monotonic() + 3.0  # ten intervals of requests: no false loss
     while time.monotonic() < busy_until:
         assert b" 200 OK" in s.request()
