@@ -62,7 +62,6 @@ gunicorn_lifecycle.configure(**{options!r})
 
 on_starting = gunicorn_lifecycle.on_starting
 on_reload = gunicorn_lifecycle.on_reload
-pre_fork = gunicorn_lifecycle.pre_fork
 post_fork = gunicorn_lifecycle.post_fork
 post_worker_init = gunicorn_lifecycle.post_worker_init
 worker_exit = gunicorn_lifecycle.worker_exit

@@ -25,7 +25,6 @@ if TYPE_CHECKING:
         on_starting,
         post_fork,
         post_worker_init,
-        pre_fork,
         worker_abort,
         worker_exit,
     )
@@ -46,7 +45,6 @@ __all__ = [
     "on_starting",
     "post_fork",
     "post_worker_init",
-    "pre_fork",
     "worker_abort",
     "worker_exit",
 ]

@@ -29,8 +29,8 @@ from .systemd import Systemd
 from .transaction import Transactions
 from .worker import Worker
 
-HOOKS = ("on_starting", "on_reload", "pre_fork", "post_fork", "post_worker_init",
-         "worker_exit", "worker_abort", "child_exit", "nworkers_changed", "on_exit")
+HOOKS = ("on_starting", "on_reload", "post_fork", "post_worker_init", "worker_exit",
+         "worker_abort", "child_exit", "nworkers_changed", "on_exit")
 # Gunicorn executes its config file as a module of this name.
 _CONFIG_MODULE = "__config__"
 
@@ -199,7 +199,7 @@ def on_starting(server: Any) -> None:
         _here.master, _here.starting_failed, _here.config = master, False, server.cfg
         if systemd is not None:
             # Gunicorn's own READY=1, sent right after this hook before any worker exists,
-            # goes nowhere; pre_fork puts the socket back for everyone once it is sent.
+            # goes nowhere; the socket is given back with the first message after it.
             _here.notify_socket = os.environ.pop("NOTIFY_SOCKET")
 
 
@@ -218,12 +218,17 @@ def _systemd(server: Any, options: Options) -> Systemd | None:
         server.log.warning("gunicorn_lifecycle: WatchdogSec=%gs is too short for interval=%gs: "
                            "the watchdog is fed once per interval; make it at least %gs",
                            watchdog, options.interval, 2 * options.interval + options.failed)
-    return Systemd(lambda message: sd_notify(message, server.log), watchdog > 0)
+
+    def send(message: str) -> None:
+        _give_back_socket()
+        sd_notify(message, server.log)
+
+    return Systemd(send, watchdog > 0)
 
 
-def pre_fork(server: Any, worker: Any) -> None:
-    """Before the master forks a worker (after Gunicorn's early READY=1): systemd's socket is
-    back in the environment, where Gunicorn's sd_notify (and a USR2 master) find it."""
+def _give_back_socket() -> None:
+    """Put systemd's socket back in the environment, once Gunicorn's early READY=1 went
+    nowhere: for Gunicorn's sd_notify, and for what runs here, as without the plugin."""
     if _here.notify_socket is not None and "NOTIFY_SOCKET" not in os.environ:
         os.environ["NOTIFY_SOCKET"] = _here.notify_socket
 
@@ -233,6 +238,11 @@ def on_reload(server: Any) -> None:
     master = _here.master
     if master is None:
         return
+    if _here.notify_socket is not None:
+        # Gunicorn hands a USR2 master the environment its config was read in; the config
+        # this HUP re-read may have been read while the socket was held back.
+        _give_back_socket()
+        server.cfg.env_orig.setdefault("NOTIFY_SOCKET", _here.notify_socket)
     with _guard(server, "on_reload"):
         options = _options(server)
         if options.state_file not in (None, master.tx.state.path):
@@ -246,6 +256,7 @@ def on_reload(server: Any) -> None:
 def post_fork(server: Any, worker: Any) -> None:
     """In the new worker: register and run ``worker_start``."""
     master, _here.master = _here.master, None
+    _give_back_socket()
     if master is None or not master.generations:
         if not (_here.starting_failed or _here.off):
             server.log.error("gunicorn_lifecycle: post_fork ran but on_starting did not; wire "

@@ -33,9 +33,10 @@ from .state import Generation, State
 from .systemd import Moment
 from .transaction import Transactions
 
-# What systemd hears when this master exits: the unit stops, or the master it replaced
-# serves on (a rollback: systemd follows it back).
-EXIT_MOMENTS = {Reason.STOP: Moment.STOPPING, Reason.ROLLBACK: Moment.ROLLED_BACK}
+# What systemd hears when this master exits: the unit stops; or a newer master serves on
+# (systemd follows it, ready or not yet); or the master it replaced does (a rollback).
+EXIT_MOMENTS = {Reason.STOP: Moment.STOPPING, Reason.UPGRADE: Moment.HANDED_OVER,
+                Reason.ROLLBACK: Moment.ROLLED_BACK}
 
 
 class Master:
@@ -160,8 +161,9 @@ class Master:
                              "and were folded into generation %s", self._refused, self.current)
             self._refused = 0
         owed = self._open(state, Reason.RELOAD, options)
-        if current is not None:
-            state.mark(Moment.RELOADING, current)
+        opened = state.generation(self.current)
+        if opened is not None:
+            state.mark(Moment.RELOADING, opened)
         if current is not None and current.state == GenerationState.OPEN:
             state.set_generation(current.index, state=GenerationState.SUPERSEDED)
         return owed + self._close_drained(state)
@@ -225,7 +227,8 @@ class Master:
         show_presence(self.tx.file.fd, index, True)
         self.generations[number] = options
         self.current = number
-        return [MasterStarted(number, reason, options, self.server)]
+        return [MasterStarted(number, reason, options, self.server),
+                *ready_if_complete(state, number, options, self.server)]  # workers = 0
 
     def _close_drained(self, state: State) -> list[Owed]:
         """Close the generations a HUP superseded once their last worker is gone."""

@@ -4,13 +4,16 @@ Gunicorn says ``READY=1`` as soon as its master has sockets, before any worker
 exists, and nothing after. With the plugin, the process that sees a moment says
 it (the unit needs ``NotifyAccess=all``):
 
-- ``MAINPID=<its master>`` and ``READY=1`` when a generation is ready (section
-  8): after a ``USR2``, systemd follows the new master and keeps the unit when
-  the old one exits (and a ``HUP`` to the new master first changes nothing);
-- ``RELOADING=1`` with ``MONOTONIC_USEC`` at ``HUP``;
-- ``STOPPING=1`` when the last generation's master stops (not an old master
-  retiring after ``USR2``); ``MAINPID=<parent>`` when a new master exits and the
-  one it was started from lives on (a rollback);
+- ``MAINPID=<its master>`` and ``READY=1`` when the newest generation (by
+  lineage) is ready (section 8): after a ``USR2``, systemd follows the new
+  master and keeps the unit when the old one exits, also when a ``HUP`` reached
+  the new master first; the readiness of an older lineage (the old master's
+  ``HUP`` during the overlap) is not systemd's business;
+- ``RELOADING=1`` with ``MONOTONIC_USEC`` at a ``HUP`` of the newest master;
+- ``STOPPING=1`` when the last generation's master stops; ``MAINPID=<newest
+  master>`` when an old master retires after ``USR2`` (even before its successor
+  is ready); ``MAINPID=<parent>`` when a new master exits or dies and the one it
+  was started from lives on (a rollback);
 - ``STATUS=`` with the generations and their workers at each event;
 - ``WATCHDOG=1`` from the node's sweep, when ``WatchdogSec=`` is set, as long as
   the newest generation's master lives and its workers' heartbeats are fresh.
@@ -34,8 +37,9 @@ Send = Callable[[str], None]
 
 class Moment(Enum):
     READY = "ready"
-    RELOADING = "reloading"
+    RELOADING = "reloading"  # of the generation the HUP opened
     STOPPING = "stopping"
+    HANDED_OVER = "handed over"  # an old master retires: a newer master serves
     ROLLED_BACK = "rolled back"
     ALIVE = "alive"  # a sweep found the newest generation healthy: the watchdog's ping
 
@@ -51,18 +55,24 @@ class Systemd:
                 changed: bool) -> str:
         """One datagram for ``moments``, with a STATUS line; empty if there is nothing to say
         (no moment, and the counts not ``changed``)."""
-        found = []
-        for moment, gen in moments:
-            if moment == Moment.READY:  # its master is the one to follow (a USR2 master's
-                found.append(f"MAINPID={gen.master_pid}\nREADY=1")  # too after a HUP)
-            elif moment == Moment.RELOADING:
-                found.append(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        serving = [g for g in state.generations() if g.serving]
+        newest = max(serving, key=lambda g: g.lineage) if serving else None
+        found: dict[str, None] = {}  # in order, each once (a master closes several at exit)
+        # A reload comes before anything it completes (with no workers, its readiness).
+        for moment, gen in sorted(moments, key=lambda m: m[0] != Moment.RELOADING):
+            is_newest = newest is not None and gen.number == newest.number
+            if moment == Moment.READY and is_newest:
+                found[f"MAINPID={gen.master_pid}\nREADY=1"] = None
+            elif moment == Moment.RELOADING and is_newest:
+                found[f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}"] = None
             elif moment == Moment.STOPPING:
-                found.append("STOPPING=1")
+                found["STOPPING=1"] = None
+            elif moment == Moment.HANDED_OVER and newest is not None:
+                found[f"MAINPID={newest.master_pid}"] = None
             elif moment == Moment.ROLLED_BACK:
-                found.append(f"MAINPID={gen.parent_pid}")
-            elif self.watchdog:
-                found.append("WATCHDOG=1")
+                found[f"MAINPID={gen.parent_pid}"] = None
+            elif moment == Moment.ALIVE and self.watchdog:
+                found["WATCHDOG=1"] = None
         if not (found or changed):
             return ""
         return "\n".join([*found, f"STATUS={status_line(state)}"])

@@ -27,8 +27,8 @@ REPO = Path(__file__).resolve().parent.parent
 GUNICORN = str(Path(sys.executable).parent / "gunicorn")
 CALLBACKS = ("master_start", "master_exit", "master_ready", "worker_start", "worker_exit",
              "worker_lost")
-HOOKS = ("on_starting", "on_reload", "pre_fork", "post_fork", "post_worker_init",
-         "worker_exit", "worker_abort", "child_exit", "nworkers_changed", "on_exit")
+HOOKS = ("on_starting", "on_reload", "post_fork", "post_worker_init", "worker_exit",
+         "worker_abort", "child_exit", "nworkers_changed", "on_exit")
 
 CONF = '''\
 {first}

@@ -253,6 +253,70 @@ def test_a_reap_while_a_datagram_waits_is_deferred_on_gunicorn_23(server: Make,
     check_record(s.events())
 
 
+def test_a_hup_to_the_old_master_after_an_upgrade_keeps_systemd_on_the_new_one(
+    server: Make, systemd: Systemd
+) -> None:
+    s = server(workers=1, interval=0.2, failed=1.0).start(wait_workers=1, env=systemd.env)
+    systemd.wait("READY=1")
+    s.signal(signal.SIGUSR2)
+    new = s.wait_count("master_start", 1, reason="upgrade")[0]["in_pid"]
+    systemd.wait(f"MAINPID={new}")
+    s.signal(signal.SIGHUP)  # `pkill -HUP gunicorn` reaches the old master too
+    old_reload = s.wait_count("master_start", 1, reason="reload")[0]
+    s.wait_count("master_ready", 1, generation=old_reload["generation"])
+    s.signal(signal.SIGTERM)  # the old master retires
+    s.wait_exit()
+    s.wait_count("master_exit", 2)
+    handover = systemd.wait(f"MAINPID={new}", 2)[1]
+    assert handover.startswith(f"MAINPID={new}\nSTATUS="), handover
+    said = systemd.received
+    assert not any(m.startswith(f"MAINPID={s.pid}") for m in said[said.index(handover) - 1:]), said
+    assert not systemd.saying("RELOADING=1"), "the old lineage's reload is not the unit's"
+    assert not systemd.saying("STOPPING=1")
+    s.signal(signal.SIGTERM, new)
+    systemd.wait("STOPPING=1")
+
+
+def test_an_old_master_retiring_before_its_successor_is_ready_hands_over(
+    server: Make, systemd: Systemd, tmp_path: Path
+) -> None:
+    gate = Gate(tmp_path)
+    s = gate.server(server, workers=1, interval=0.2, failed=1.0)
+    s.start(wait_workers=1, env={**gate.env, **systemd.env})
+    gate.let(1)
+    systemd.wait("READY=1")
+    s.signal(signal.SIGUSR2)
+    new = s.wait_count("master_start", 1, reason="upgrade")[0]["in_pid"]
+    s.signal(signal.SIGTERM)  # before the new master's worker could boot
+    s.wait_exit()
+    handover = systemd.wait(f"MAINPID={new}")[0]
+    assert "READY=1" not in handover and not systemd.saying("STOPPING=1")
+    gate.let(1)
+    ready = systemd.wait("READY=1", 2)[1]
+    assert ready.startswith(f"MAINPID={new}\nREADY=1"), ready
+    s.signal(signal.SIGTERM, new)
+    systemd.wait("STOPPING=1")
+
+
+def test_no_workers_is_ready_at_once_and_a_usr2_after_a_hup_still_reaches_systemd(
+    server: Make, systemd: Systemd
+) -> None:
+    s = server(workers=0, interval=0.2, failed=1.0).start(env=systemd.env)
+    (ready,) = systemd.wait("READY=1")
+    assert ready.startswith(f"MAINPID={s.pid}\nREADY=1"), ready
+    s.signal(signal.SIGHUP)
+    (reloaded,) = systemd.wait("RELOADING=1")
+    assert reloaded.startswith("RELOADING=1\nMONOTONIC_USEC=") and "\nREADY=1\n" in reloaded
+    s.signal(signal.SIGUSR2)  # the config the HUP re-read was read without the socket
+    new = s.wait_count("master_start", 1, reason="upgrade")[0]["in_pid"]
+    (followed,) = systemd.wait(f"MAINPID={new}")
+    assert followed.startswith(f"MAINPID={new}\nREADY=1"), followed
+    s.signal(signal.SIGTERM)
+    s.wait_exit()
+    s.signal(signal.SIGTERM, new)
+    systemd.wait("STOPPING=1")
+
+
 def _user_manager() -> bool:
     if shutil.which("systemd-run") is None:
         return False
