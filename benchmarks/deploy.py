@@ -15,13 +15,13 @@ Then ``gunicorn-lifecycle check``'s wall time, against starting the same Python.
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
+from .load import request
 from .report import Budget, Row, Table, median
 from .server import Gunicorn, plugin_hooks, wait_for
 
@@ -47,7 +47,7 @@ class Load:
     def _run(self, path: str) -> None:
         while not self._stop.is_set():
             began = time.monotonic()
-            ok = _request(path)
+            ok = request(path)
             self.latencies.append(time.monotonic() - began)
             self.failed += not ok
 
@@ -61,20 +61,6 @@ class Load:
     def p99(self) -> float:
         ordered = sorted(self.latencies)
         return ordered[int(len(ordered) * 0.99)]
-
-
-def _request(path: str) -> bool:
-    try:
-        with socket.socket(socket.AF_UNIX) as client:
-            client.settimeout(10)
-            client.connect(path)
-            client.sendall(b"GET / HTTP/1.0\r\nHost: bench\r\n\r\n")
-            head = client.recv(12)
-            while client.recv(65536):
-                pass
-    except OSError:
-        return False
-    return head.startswith(b"HTTP/1.") and head[9:12] == b"200"
 
 
 def _deploy(server: Gunicorn, kind: str, how: str) -> None:

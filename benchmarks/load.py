@@ -30,7 +30,7 @@ class Counter:
     def drive(self, path: str) -> None:
         done = failed = 0
         while (now := time.monotonic()) < self.end:
-            ok = _request(path)
+            ok = request(path)
             if time.monotonic() <= self.end and now >= self.begin:
                 done += ok
                 failed += not ok
@@ -39,7 +39,7 @@ class Counter:
             self.failed += failed
 
 
-def _request(path: str) -> bool:
+def request(path: str) -> bool:
     """One request on a fresh connection; True for a complete 200 response."""
     try:
         with socket.socket(socket.AF_UNIX) as client:
