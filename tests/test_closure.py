@@ -138,12 +138,17 @@ def test_a_worker_aborted_for_its_timeout_is_lost_for_timeout(server: Make,
                                                               worker_class: str) -> None:
     # A worker that cannot even run its abort handler (stopped): Gunicorn aborts it, then
     # kills it, and its master names the timeout.
+    # timeout 2: UvicornWorker tells Gunicorn it lives every timeout/2 + 0.1 s, which a
+    # timeout of 1 s can miss in a healthy worker.
     s = server(workers=2, interval=30.0, settings=f"worker_class = {worker_class!r}\n"
-               "timeout = 1")
+               "timeout = 2")
     s.app = CLASSES[worker_class]
     s.start(wait_workers=2)
     s.wait_settled()
     victim = s.events("worker_start")[0]["pid"]
+    if "uvicorn" in worker_class:  # booted, but Gunicorn watches it only once its loop runs
+        wait_for(lambda: f"Started server process [{victim}]" in s.log_text(),
+                 "the victim's uvicorn server started")
     os.kill(victim, signal.SIGSTOP)
     lost = s.wait_count("worker_lost", 1, timeout=20)[0]
     assert (lost["pid"], lost["reason"], lost["in_pid"]) == (victim, "timeout", s.pid)
