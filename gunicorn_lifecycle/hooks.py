@@ -209,6 +209,8 @@ def _systemd(server: Any, options: Options) -> Systemd | None:
     if options.systemd is False or not (os.environ.get("NOTIFY_SOCKET") or
                                         options.systemd is True):
         return None
+    if not server.num_workers:  # no worker to wait for: Gunicorn's own READY=1 is right
+        return None
     if not os.environ.get("NOTIFY_SOCKET"):
         server.log.error("gunicorn_lifecycle: systemd=True, but NOTIFY_SOCKET is not set: run "
                          "the server from a unit with Type=notify and NotifyAccess=all")

@@ -281,7 +281,7 @@ def ready_if_complete(state: State, number: int, options: Options, server: Any,
     gen = state.generation(number)
     if gen is None or gen.state != GenerationState.OPEN or gen.ready != Readiness.NOT_YET:
         return []
-    if gen.target > booted(state, number):  # a target of 0 (workers = 0): ready at once
+    if not 0 < gen.target <= booted(state, number):
         return []
     state.set_generation(gen.index, ready=Readiness.READY, ready_at=time.monotonic_ns())
     state.mark(Moment.READY, gen)

@@ -227,8 +227,7 @@ class Master:
         show_presence(self.tx.file.fd, index, True)
         self.generations[number] = options
         self.current = number
-        return [MasterStarted(number, reason, options, self.server),
-                *ready_if_complete(state, number, options, self.server)]  # workers = 0
+        return [MasterStarted(number, reason, options, self.server)]
 
     def _close_drained(self, state: State) -> list[Owed]:
         """Close the generations a HUP superseded once their last worker is gone."""

@@ -58,8 +58,7 @@ class Systemd:
         serving = [g for g in state.generations() if g.serving]
         newest = max(serving, key=lambda g: g.lineage) if serving else None
         found: dict[str, None] = {}  # in order, each once (a master closes several at exit)
-        # A reload comes before anything it completes (with no workers, its readiness).
-        for moment, gen in sorted(moments, key=lambda m: m[0] != Moment.RELOADING):
+        for moment, gen in moments:
             is_newest = newest is not None and gen.number == newest.number
             if moment == Moment.READY and is_newest:
                 found[f"MAINPID={gen.master_pid}\nREADY=1"] = None

@@ -158,7 +158,8 @@ def test_a_hup_that_changes_the_worker_count_leaves_the_old_generation_alone(
     assert generation(s, reload["generation"])["target"] == 2, "the new count is the new one's"
     old = [g for g in read_status(s.state_file)["generations"] if g["generation"] == number]
     assert not old or (old[0]["target"], old[0]["ready"]) == (3, False), old
-    gate.let(2)
+    for started in s.wait_count("worker_start", 2, generation=reload["generation"]):
+        gate.let_pid(started["pid"])  # not the old worker still waiting: it may take any token
     ready = s.wait_count("master_ready", 1)
     assert [e["generation"] for e in ready] == [reload["generation"]]
     s.stop()
