@@ -8,6 +8,7 @@ that record. Nothing of Gunicorn is mocked.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import signal
@@ -208,15 +209,26 @@ class Server:
                    if workers is None else f"one generation of {workers} booted workers")
 
     def wait_settled(self) -> None:
-        """Wait until the workers booted and each ready generation's master_ready was told: no
-        delivery is under way, so a worker stopped now holds neither the lock nor the turn."""
+        """Wait until the workers booted, each ready generation's master_ready was told, and
+        the turn and the lock are free: a worker stopped now holds neither."""
+        from states import header_word
+
+        from gunicorn_lifecycle.layout import H
         from gunicorn_lifecycle.status import read_status
+
+        def free() -> bool:
+            with open(self.state_file, "rb") as probe:
+                try:
+                    fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    return False
+            return header_word(self.state_file, H.TURN_PID) == 0
 
         self.wait_booted()
         self._wait(lambda: {g["generation"] for g in read_status(self.state_file)["generations"]
                             if g["ready"]} <= {e["generation"] for e in
-                                              self.events("master_ready")},
-                   "every ready generation's master_ready told")
+                                              self.events("master_ready")} and free(),
+                   "every ready generation's master_ready told, the turn and the lock free")
 
     def _wait(self, condition: Callable[[], Any], what: str, timeout: float = 15.0) -> Any:
         """wait_for, with Gunicorn's log as it is when the wait fails."""
