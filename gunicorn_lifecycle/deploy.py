@@ -77,6 +77,11 @@ def is_open(report: Report, number: int) -> bool:
     return any(g["generation"] == number and g["open"] for g in report["generations"])
 
 
+def has_open(report: Report, master: int) -> bool:
+    """Whether a generation of ``master`` is open (closed: by it, or by whoever found it dead)."""
+    return any(g["open"] and g["master_pid"] == master for g in report["generations"])
+
+
 def serving(report: Report, master: int) -> list[Generation]:
     """The open generations of ``master``, while it lives."""
     return [g for g in report["generations"]
@@ -117,8 +122,7 @@ def ready(instance: Instance, master: int, deadline: float) -> Generation:
 
 def closed(instance: Instance, master: int, deadline: float, awaited: str) -> None:
     """Wait until no generation of ``master`` is open."""
-    instance.until(lambda r: not any(g["open"] and g["master_pid"] == master
-                                     for g in r["generations"]), deadline, awaited)
+    instance.until(lambda r: not has_open(r, master), deadline, awaited)
 
 
 def successor(master: int) -> int | None:
@@ -209,9 +213,8 @@ def roll_back(instance: Instance, old: int, new: int, why: str, timeout: float) 
     if serving(instance.read(), new):
         instance.progress(f"{why}; TERM to the new master {new}")
         instance.signal(new, signal.SIGTERM)
-    try:  # the new master's generations closed (a dead one's by whoever finds it dead)
-        instance.until(lambda r: not any(g["open"] and g["master_pid"] == new
-                                         for g in r["generations"])
+    try:
+        instance.until(lambda r: not has_open(r, new)
                        and (newest(r) or {}).get("master_pid") == old,
                        time.monotonic() + timeout, "the old generation newest again")
     except TimeoutError:
@@ -226,6 +229,7 @@ def reload(instance: Instance, timeout: float) -> str:
     pid = running(instance)["master_pid"]
     report = instance.read()
     superseded = [g["generation"] for g in serving(report, pid)]
+    closing = ", ".join(map(str, superseded))
     highest = max(g["generation"] for g in report["generations"])
     instance.signal(pid, signal.SIGHUP)
     instance.progress(f"HUP sent to master {pid}; waiting for its new generation")
@@ -239,14 +243,14 @@ def reload(instance: Instance, timeout: float) -> str:
     try:
         instance.until(opened, deadline, "a new generation")
         gen = ready(instance, pid, deadline)
-        instance.progress(f"generation {gen['generation']} is ready; waiting until "
-                          f"{', '.join(map(str, superseded))} closed")
+        instance.progress(f"generation {gen['generation']} is ready; waiting until {closing} "
+                          "closed")
         instance.until(lambda r: not any(is_open(r, n) for n in superseded), deadline,
-                       f"generation {', '.join(map(str, superseded))} closed")
+                       f"generation {closing} closed")
     except TimeoutError as exc:
         raise Failed(f"not reloaded within {timeout:g}s: {exc}") from None
     return (f"reloaded: generation {gen['generation']} (master {pid}) is ready; generation "
-            f"{', '.join(map(str, superseded))} closed")
+            f"{closing} closed")
 
 
 def wait(instance: Instance, timeout: float, until_closed: bool = False) -> str:

@@ -364,10 +364,9 @@ def sweep(state: State, here: Here, options: Options, server: Any) -> list[Owed]
 def _healthy(state: State, here: Here) -> None:
     """Mark the newest generation alive (systemd's watchdog) if its master lives and every
     registered worker of it has beaten within its overrun."""
-    serving = [g for g in state.generations() if g.serving]
-    if not serving:
+    newest = state.newest_serving()
+    if newest is None:
         return
-    newest = max(serving, key=lambda g: g.lineage)
     workers = [s for s in state.slots_in(SlotState.REGISTERED) if s.generation == newest.number]
     now = time.monotonic_ns()
     if workers and here.master_alive(newest) and all(

@@ -158,6 +158,11 @@ class State:
         return decode_generation(index, self.words.view[at : at + GENERATION_WORDS].tolist(),
                                  self.path)
 
+    def newest_serving(self) -> Generation | None:
+        """The newest generation by lineage that its master has not closed."""
+        serving = [g for g in self.generations() if g.serving]
+        return max(serving, key=lambda g: g.lineage) if serving else None
+
     def free_generation_index(self) -> int | None:
         states = self.words.column(GENERATIONS_AT + G.STATE, GENERATION_WORDS, GENERATIONS)
         return states.index(GenerationState.FREE) if GenerationState.FREE in states else None

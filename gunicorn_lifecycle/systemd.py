@@ -55,8 +55,7 @@ class Systemd:
                 changed: bool) -> str:
         """One datagram for ``moments``, with a STATUS line; empty if there is nothing to say
         (no moment, and the counts not ``changed``)."""
-        serving = [g for g in state.generations() if g.serving]
-        newest = max(serving, key=lambda g: g.lineage) if serving else None
+        newest = state.newest_serving()
         found: dict[str, None] = {}  # in order, each once (a master closes several at exit)
         for moment, gen in moments:
             is_newest = newest is not None and gen.number == newest.number
