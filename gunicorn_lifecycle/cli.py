@@ -189,6 +189,8 @@ def render(report: dict[str, Any]) -> str:
                   f"  {'pid':>8}  {'id':<16}  {'booted':<6}  heartbeat"]
         for w in gen["workers"]:
             flag = f"  LOST ({w['lost']})" if w["lost"] else "  LATE" if w["late"] else ""
+            if w["leader"]:
+                flag += f"  leader (term {gen['leader']['term']})"
             lines.append(f"  {w['pid']:>8}  {w['id']:<16}  {'yes' if w['booted'] else 'no':<6}  "
                          f"{w['heartbeat_age']:.1f}s{flag}")
             workers += not w["lost"]

@@ -25,7 +25,8 @@ class Event:
     """What happened, to whom, and how many workers each generation has right now.
 
     Counts are read under the lock at the moment of the event; ``n_prev`` and
-    ``n_next`` are None when no older (newer) generation is open.
+    ``n_next`` are None when no older (newer) generation is open. ``term`` is the
+    leadership term of leader events, else None.
     """
 
     id: str
@@ -37,6 +38,7 @@ class Event:
     pid: int
     server: Any = None
     worker: Any = None
+    term: int | None = None
 
 
 class Log(Protocol):

@@ -60,6 +60,8 @@ def configure(
     worker_start: Callbacks = None,
     worker_exit: Callbacks = None,
     worker_lost: Callbacks = None,
+    leader_start: Callbacks = None,
+    leader_stop: Callbacks = None,
     state_file: str | os.PathLike[str] | None = None,
     interval: float = 10.0,
     failed: float = 5.0,
@@ -85,7 +87,8 @@ def configure(
             "(worker_exit=[first, second])")
     options = Options.build(
         {"master_start": master_start, "master_exit": master_exit, "master_ready": master_ready,
-         "worker_start": worker_start, "worker_exit": worker_exit, "worker_lost": worker_lost},
+         "worker_start": worker_start, "worker_exit": worker_exit, "worker_lost": worker_lost,
+         "leader_start": leader_start, "leader_stop": leader_stop},
         state_file, os.path.dirname(os.path.abspath(config.get("__file__") or "x")),
         interval, failed, lock_timeout, on_error, slots, systemd)
     _here.configured, _here.loading, _here.call_site = options, config, site
@@ -269,7 +272,8 @@ def post_fork(server: Any, worker: Any) -> None:
             server.log.error("gunicorn_lifecycle: the config was re-read but no new generation "
                              "was opened; wire `on_reload = gunicorn_lifecycle.on_reload`")
         master.tx.after_fork()
-        _here.worker = Worker(master.tx, master.current, master.options, server, worker)
+        _here.worker = Worker(master.tx, master.current, master.options, server, worker,
+                              serving=lambda: bool(getattr(worker, "alive", True)))
         _here.worker.start()
 
 

@@ -8,7 +8,7 @@ can be loaded and stored with one machine access (see :mod:`protocol`)::
     slots          8 words each, one per worker (the capacity chosen at creation)
 
 Each generation and slot record starts with a sequence word (:mod:`protocol`).
-Header words 16 to 31 are reserved: zero, and ignored by this version. The
+Header words 18 to 31 are reserved: zero, and ignored by this version. The
 tallies (from word 32) count, per reason, the generations opened and closed and
 the workers lost since the file was made, for monitoring.
 """
@@ -43,6 +43,8 @@ class H(enum.IntEnum):
     TURN_STARTED = 13
     TURN_WHAT = 14
     RESTART_DUE = 15  # a crash closed the last open generation: the next start is "restart"
+    LEADER = 16  # the term and the leader's slot in one word: the one word a beat reads (leader)
+    LEADER_TOKEN = 17  # the leader slot's registration token when it was elected
     OPENED_TALLY = 32  # 16 words: generations opened, indexed by Reason
     CLOSED_TALLY = 48  # 16 words: generations closed, by Reason
     LOST_TALLY = 64  # 16 words: workers lost, by Reason
@@ -152,6 +154,24 @@ def generation_at(index: int) -> int:
 def slot_at(index: int) -> int:
     """Word index of slot ``index``."""
     return SLOTS_AT + index * SLOT_WORDS
+
+
+LEADER_SLOT_BITS = 20  # slots + 1 < 2**20: the low bits name the leader's slot, the high its term
+TERMS = 2**43  # terms wrap (after 8 * 10**12 elections): the word stays within 64 bits
+
+
+def leader_word(term: int, index: int | None) -> int:
+    """The LEADER word: ``term``, and the slot ``index`` that leads (None: no leader)."""
+    return term << LEADER_SLOT_BITS | (0 if index is None else index + 1)
+
+
+def term_of(word: int) -> int:
+    return word >> LEADER_SLOT_BITS
+
+
+def index_of(word: int) -> int | None:
+    named = word & (1 << LEADER_SLOT_BITS) - 1
+    return named - 1 if named else None
 
 
 def file_words(slots: int) -> int:

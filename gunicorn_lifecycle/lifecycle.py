@@ -39,6 +39,8 @@ class Owed(Protocol):
     def callback(self) -> str: ...
     @property
     def options(self) -> Options: ...
+    @property
+    def server(self) -> Any: ...
 
     def take(self, state: State, tell: bool = True) -> Event | None: ...
 
@@ -56,7 +58,7 @@ class MasterStarted:
         if gen is None or not gen.serving or gen.announced:
             return None
         state.set_generation(gen.index, announced=1)
-        return _event(state, gen, str(gen.number), gen.master_pid, self.reason, self, tell)
+        return event_of(state, gen, str(gen.number), gen.master_pid, self.reason, self, tell)
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +72,7 @@ class MasterExited:
         gen = state.generation(self.number)
         if gen is None or gen.state != GenerationState.CLOSED or not gen.announced:
             return None
-        event = _event(state, gen, str(gen.number), gen.master_pid, gen.closed, self, tell)
+        event = event_of(state, gen, str(gen.number), gen.master_pid, gen.closed, self, tell)
         state.set_generation(gen.index, announced=0)
         retire_if_unused(state, gen.number)
         return event
@@ -93,7 +95,7 @@ class MasterReady:
         state.set_generation(gen.index, ready=Readiness.TOLD)
         if not (gen.serving and gen.announced):  # nobody saw it start: nobody hears it ready
             return None
-        return _event(state, gen, str(gen.number), gen.master_pid, gen.opened, self, tell)
+        return event_of(state, gen, str(gen.number), gen.master_pid, gen.opened, self, tell)
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,7 +115,7 @@ class WorkerStarted:
             return None
         state.set_flags(self.index, slot.flags | Flag.COUNTED)
         reason = "resume" if self.resumed else "respawn" if gen.gone else "spawn"
-        return _event(state, gen, f"{gen.number}-{slot.pid}", slot.pid, reason, self, tell)
+        return event_of(state, gen, f"{gen.number}-{slot.pid}", slot.pid, reason, self, tell)
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,7 +132,7 @@ class WorkerExited:
         gen = state.generation(slot.generation)
         if slot.owner != self.token or not slot.counted or gen is None:
             return None
-        event = _event(state, gen, f"{gen.number}-{slot.pid}", slot.pid, "exit", self, tell)
+        event = event_of(state, gen, f"{gen.number}-{slot.pid}", slot.pid, "exit", self, tell)
         state.set_flags(self.index, slot.flags & ~int(Flag.COUNTED))
         return event
 
@@ -157,7 +159,7 @@ class WorkerLost:
         event = None
         if slot.counted and gen is not None:
             state.set_flags(self.index, slot.flags & ~int(Flag.COUNTED))
-            event = _event(state, gen, f"{gen.number}-{slot.pid}", slot.pid, slot.reason, self,
+            event = event_of(state, gen, f"{gen.number}-{slot.pid}", slot.pid, slot.reason, self,
                            tell)
         if self.dead:
             state.release(self.index)
@@ -165,17 +167,15 @@ class WorkerLost:
         return event
 
 
-def _event(state: State, gen: Generation, event_id: str, pid: int, reason: Reason | str,
-           owed: MasterStarted | MasterExited | MasterReady | WorkerStarted | WorkerExited
-           | WorkerLost,
-           tell: bool) -> Event | None:
+def event_of(state: State, gen: Generation, event_id: str, pid: int, reason: Reason | str,
+             owed: Owed, tell: bool, term: int | None = None) -> Event | None:
     """The event, counts read now; None when nobody is told (no callback): counts cost."""
     if not tell:
         return None
     n_prev, n_mine, n_next = counts(state, gen)
     text = reason.text if isinstance(reason, Reason) else reason
-    return Event(event_id, n_prev, n_mine, n_next, text, gen.number, pid, owed.server,
-                 getattr(owed, "worker", None))
+    return Event(event_id, n_prev, n_mine, n_next, text, gen.number, pid,
+                 owed.server, getattr(owed, "worker", None), term)
 
 
 def counts(state: State, mine: Generation) -> tuple[int | None, int, int | None]:

@@ -18,7 +18,7 @@ Callbacks = Callback | Sequence[Callback] | None
 OnError = Literal["log", "raise"]
 SystemdMode = bool | Literal["auto"]
 CALLBACKS = ("master_start", "master_exit", "master_ready", "worker_start", "worker_exit",
-             "worker_lost")
+             "worker_lost", "leader_start", "leader_stop")
 
 
 @dataclass(frozen=True)

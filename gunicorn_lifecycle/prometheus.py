@@ -25,6 +25,8 @@ PER_GENERATION: tuple[tuple[str, str, Callable[[Generation], float]], ...] = (
      lambda g: int(g["ready"])),
     ("generation_master_alive", "1 while the generation's master runs.",
      lambda g: int(g["master_alive"] is not False)),
+    ("leader_term", "The leadership term, on the generation of the leader (0: none of it leads).",
+     lambda g: g["leader"]["term"] if g["leader"] else 0),
     ("heartbeat_age_max_seconds", "Age of the oldest heartbeat of its live workers.",
      lambda g: max((w["heartbeat_age"] for w in g["workers"] if not w["lost"]), default=0.0)),
 )

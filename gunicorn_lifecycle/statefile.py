@@ -139,18 +139,28 @@ def _map(path: str, fd: int, size: int, writable: bool) -> tuple[mmap.mmap, int]
     prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
     if sys.version_info >= (3, 13):
         return mmap.mmap(fd, size, mmap.MAP_SHARED, prot, trackfd=False), _reopen(fd)
-    mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, prot)
     target = os.fstat(fd)
-    for name in os.listdir("/proc/self/fd"):
-        kept = int(name)
-        with contextlib.suppress(OSError):
-            info = os.fstat(kept)
-            if kept != fd and (info.st_dev, info.st_ino) == (target.st_dev, target.st_ino):
-                own = _reopen(fd)
-                os.dup2(own, kept, inheritable=False)
-                os.close(own)
-                return mapping, kept
+    before = _descriptors_of(target)
+    mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, prot)
+    # The duplicate is the one that was not there before: another of this file (a second
+    # StateFile of this process) keeps its own description.
+    for kept in _descriptors_of(target) - before:
+        own = _reopen(fd)
+        os.dup2(own, kept, inheritable=False)
+        os.close(own)
+        return mapping, kept
     raise LifecycleError(f"state file {path}: the descriptor of its mapping was not found")
+
+
+def _descriptors_of(target: os.stat_result) -> set[int]:
+    """This process's descriptors open on the file ``target`` describes."""
+    found = set()
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            info = os.fstat(int(name))
+            if (info.st_dev, info.st_ino) == (target.st_dev, target.st_ino):
+                found.add(int(name))
+    return found
 
 
 def check_directory(path: str) -> None:

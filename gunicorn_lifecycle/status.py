@@ -24,7 +24,9 @@ from .layout import (
     S,
     SlotState,
     generation_at,
+    index_of,
     slot_at,
+    term_of,
 )
 from .liveness import Here
 from .protocol import Words
@@ -74,8 +76,11 @@ def snapshot(words: Words, fd: int) -> dict[str, Any]:
             "closing": gen.state == GenerationState.SUPERSEDED,
             "closed": None if gen.closed == Reason.NONE else gen.closed.text,
             "master_alive": here.master_alive(gen),
+            "leader": None,
             "workers": [],
         }
+    # Two loads, not one copy: a change between them shows no leader for that moment.
+    leader, leader_token = words[H.LEADER], words[H.LEADER_TOKEN]
     states = words.column(SLOTS_AT + S.STATE, SLOT_WORDS, words.slots)
     sequences = words.column(SLOTS_AT + S.SEQ, SLOT_WORDS, words.slots)
     for index in range(words.slots):
@@ -90,6 +95,10 @@ def snapshot(words: Words, fd: int) -> dict[str, Any]:
             continue
         age = (now - slot.heartbeat) / 1e9
         lost = slot.state == SlotState.LOST
+        leads = (index_of(leader) == index and slot.booted and not lost
+                 and slot.owner == leader_token)
+        if leads:
+            generations[slot.generation]["leader"] = {"pid": slot.pid, "term": term_of(leader)}
         generations[slot.generation]["workers"].append({
             "pid": slot.pid,
             "id": f"{slot.generation}-{slot.pid}",
@@ -98,6 +107,7 @@ def snapshot(words: Words, fd: int) -> dict[str, Any]:
             "late": not lost and age * 1e9 > overruns[slot.generation],
             "lost": slot.reason.text if lost else None,
             "alive": here.alive(slot.pid, slot.started, namespaces[slot.generation]),
+            "leader": leads,
         })
     return {"state_file": words.path, "unknown": unknown,
             "generations": [generations[number] for number in sorted(generations)],

@@ -26,11 +26,13 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from functools import partial
 
 from . import threads
 from .errors import LifecycleError
 from .events import Log, run_callbacks
 from .layout import H
+from .leader import keep
 from .lifecycle import Owed
 from .lock import LockTimeout, StateLock
 from .options import CALLBACKS
@@ -41,7 +43,7 @@ from .systemd import Systemd
 
 WHAT = ("", "master_start", "master_exit", "worker_start", "worker_exit", "worker_lost",
         "register", "booted", "sweep", "resume", "reap", "turn", "exit", "master_ready",
-        "target")
+        "target", "leader_start", "leader_stop", "leader")
 
 Work = Callable[[State], Sequence[Owed]]
 
@@ -86,7 +88,8 @@ class Transactions:
         """Hold the state lock for ``what``, on a checked and repaired state.
 
         What the section noted is logged, and what it marked told to systemd
-        (with the counts, after a delivery), once the lock is released.
+        (with the counts, after a delivery), once the lock is released. Every
+        section ends with a leader that can lead, or none (:func:`leader.keep`).
         """
         me = threads.get_ident()
         said = ""
@@ -98,6 +101,7 @@ class Transactions:
                 self.state.set_header(H.HOLDER_PID, self.pid)
                 self.state.set_header(H.HOLDER_WHAT, WHAT.index(what))
                 yield self.state
+                keep(self.state)
                 if self.systemd is not None:
                     said = self.systemd.message(self.state, self.state.moments,
                                                 changed=what in CALLBACKS)
@@ -145,8 +149,8 @@ class Transactions:
 
         Without the turn in time, an end is still counted, its callback skipped; a
         start is not counted at all, so that nobody gets an end whose start they
-        never saw (the worker or generation stays out of the counts); a ready,
-        which changes no count, stays owed, for a later sweep to deliver.
+        never saw (the worker or generation stays out of the counts); a ready or
+        a leadership, which change no count, stay owed, for a later sweep or beat.
         """
         options = owed.options
         callbacks = options.callbacks(owed.callback)
@@ -161,9 +165,9 @@ class Transactions:
                 if event is not None:
                     run_callbacks(owed.callback, callbacks, event, options.on_error, self.log)
         except TurnTimeout as exc:
-            if owed.callback == "master_ready":
-                self.log.error("gunicorn_lifecycle: %s; master_ready stays owed: a later sweep "
-                               "delivers it", exc)
+            if owed.callback in ("master_ready", "leader_start"):
+                self.log.error("gunicorn_lifecycle: %s; %s stays owed: a later sweep or beat "
+                               "delivers it", exc, owed.callback)
                 return
             if owed.callback.endswith("_start"):
                 self.log.error("gunicorn_lifecycle: %s; no %s callback: what it starts stays "
@@ -245,16 +249,20 @@ class Courier:
     def __init__(self, transactions: Transactions, log: Log) -> None:
         self._transactions = transactions
         self._log = log
-        self._mail: deque[Owed] = deque()
+        self._mail: deque[tuple[str, Callable[[], None]]] = deque()
         self._guard = threads.allocate_lock()
         self._delivering = threads.allocate_lock()
         self._running = self._closed = False
 
     def send(self, owed: Iterable[Owed]) -> None:
+        self.run((one.callback, partial(self._transactions.deliver, one)) for one in owed)
+
+    def run(self, jobs: Iterable[tuple[str, Callable[[], None]]]) -> None:
+        """Run each ``(what, job)`` in the courier's thread, in order."""
         with self._guard:
             if self._closed:
                 return
-            self._mail.extend(owed)
+            self._mail.extend(jobs)
             if not self._mail or self._running:
                 return
             self._running = True
@@ -274,13 +282,13 @@ class Courier:
                 if not self._mail:
                     self._running = False
                     return
-                owed = self._mail.popleft()
+                what, job = self._mail.popleft()
                 self._delivering.acquire()
             try:
-                self._transactions.deliver(owed)
+                job()
             except LockTimeout as exc:
                 self._log.error("gunicorn_lifecycle: %s", exc)
             except Exception:
-                self._log.exception("gunicorn_lifecycle: delivering %s failed", owed.callback)
+                self._log.exception("gunicorn_lifecycle: delivering %s failed", what)
             finally:
                 self._delivering.release()

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 from .errors import LifecycleError, StateDamaged
 from .heartbeat import Heartbeat
 from .layout import Flag, H, Reason, S, SlotState, slot_at
+from .leader import Leadership, withdraw
 from .lifecycle import (
     Owed,
     WorkerExited,
@@ -33,7 +35,8 @@ class Worker:
     """One Gunicorn worker, registered in one slot of its master's generation."""
 
     def __init__(self, transactions: Transactions, generation: int, options: Options,
-                 server: Any, worker: Any) -> None:
+                 server: Any, worker: Any, serving: Callable[[], bool] = lambda: True) -> None:
+        """``serving``: False once the worker is on its way out (it then declines to lead)."""
         self.tx = transactions
         self.log = transactions.log
         self.generation = generation
@@ -47,6 +50,8 @@ class Worker:
         self.aborted = False  # Gunicorn's worker_abort ran: its exit is a loss ("timeout")
         self.heartbeat = Heartbeat(options.interval, self.beat, self.log)
         self.courier = Courier(transactions, self.log)
+        self.leadership = Leadership(transactions, generation, options, server, worker,
+                                     lambda: not self._leaving and serving())
         self._view = transactions.state.words.view
         self._fd, self._size = transactions.file.fd, transactions.file.size
         self._owner_at = self._heartbeat_at = 0
@@ -79,6 +84,7 @@ class Worker:
                     state.set_flags(self.index, slot.flags | Flag.BOOTED)
                     owed = ready_if_complete(state, self.generation, self.options, self.server,
                                              self.worker)
+                    owed += self.leadership.owed(state, self.index, self.token)  # elected?
         self.tx.deliver_all(owed)
 
     def exit(self) -> None:
@@ -93,6 +99,7 @@ class Worker:
         try:
             if self.index is None:
                 return  # never tracked: no slot was free, or the lock could not be had
+            self.leadership.stop(self.index, self.token)
             with self.tx.bookkeeping("exit", self.options.lock_timeout) as state:
                 owed = self._leave(state)
             self.tx.deliver_all(owed)
@@ -104,9 +111,12 @@ class Worker:
 
     def beat(self) -> None:
         """One heartbeat: one clock read, one store of the stamp, one load of the sweep deadline
-        (after the file's size is checked: a truncated file kills whoever touches its mapping).
+        and one of the leader word (after the file's size is checked: a truncated file kills
+        whoever touches its mapping).
 
-        A slot taken away (a sweep found this worker late) brings it back. A beat
+        A change of leadership is acted on first: a leader that was stopped
+        while another was elected runs ``leader_stop`` before anything else. A
+        slot taken away (a sweep found this worker late) brings it back. A beat
         that itself came more than an overrun late (the machine or this process
         was frozen) judges nobody: the others may have been frozen as well.
         """
@@ -126,6 +136,8 @@ class Worker:
     def _beat(self) -> None:
         view = self._view
         now = time.monotonic_ns()
+        if view[H.LEADER] != self.leadership.seen:
+            self._lead_later()
         if view[self._owner_at] != self.token:
             self._come_back()
             return
@@ -134,6 +146,17 @@ class Worker:
         self._last = now
         if now >= view[H.NEXT_SWEEP] and not late:
             self._sweep()
+            if view[H.LEADER] != self.leadership.seen:  # the sweep elected this worker, maybe
+                self._lead_later()
+
+    def _lead(self) -> None:
+        self.leadership.follow(self.index, self.token)
+
+    def _lead_later(self) -> None:
+        """Follow the leadership from the courier: a callback never holds up a beat."""
+        if not self.leadership.asked and not self._leaving:
+            self.leadership.asked = True
+            self.courier.run([("leadership", self._lead)])
 
     def _register(self, state: State) -> list[Owed]:
         gen = state.generation(self.generation)
@@ -219,6 +242,8 @@ class Worker:
         if slot.state == SlotState.LOST:  # found lost, but not yet told: it exits instead
             self._own(state, self.index, registered=True)
             slot = state.slot(self.index)
+        if self.leadership.named(state, self.index, self.token):
+            withdraw(state, self.index)  # its leader_stop ran: another is elected
         if self.aborted:
             return lose(state, slot, Reason.TIMEOUT, False, self.options, self.server, self.worker)
         return [WorkerExited(self.index, self.token, self.options, self.server, self.worker)]

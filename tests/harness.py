@@ -28,12 +28,13 @@ REPO = Path(__file__).resolve().parent.parent
 GUNICORN = str(Path(sys.executable).parent / "gunicorn")
 CALLBACKS = ("master_start", "master_exit", "master_ready", "worker_start", "worker_exit",
              "worker_lost")
+LEADER = ("leader_start", "leader_stop")
 HOOKS = ("on_starting", "on_reload", "post_fork", "post_worker_init", "worker_exit",
          "worker_abort", "child_exit", "nworkers_changed", "on_exit")
 
 CONF = '''\
 {first}
-import json, os, subprocess, time
+import json, os, subprocess, threading, time
 import gunicorn_lifecycle
 
 RECORD = {record!r}
@@ -52,6 +53,7 @@ def _record(name):
             "n_next": event.n_next, "reason": event.reason, "generation": event.generation,
             "pid": event.pid, "in_pid": os.getpid(), "t": time.monotonic(),
             "has_server": event.server is not None, "has_worker": event.worker is not None,
+            "term": event.term, "in_main": threading.get_ident() == threading.main_thread().ident,
             **({{"sigblk": _blocked("/proc/thread-self/status"),  # of the thread, of a child
                 "child_sigblk": subprocess.run(["grep", "SigBlk", "/proc/self/status"],
                                                capture_output=True, text=True).stdout.split()[1]}}
@@ -128,12 +130,13 @@ class Server:
     def __init__(self, directory: Path, *, workers: int = 2, settings: str = "",
                  raising: tuple[str, ...] = (), block: dict[str, float] | None = None,
                  hooks: tuple[str, ...] = HOOKS, record: bool = True, gunicorn: str | None = None,
-                 first: str = "", probe: bool = False, **options: Any) -> None:
+                 first: str = "", probe: bool = False, leader: bool = False,
+                 **options: Any) -> None:
         """``record``: configure() with a recording callback for every event (else the
         ``settings`` call configure() themselves, as README's recipes do). ``gunicorn``: a
         Gunicorn version to run instead of the installed one. ``first``: the config's first
         lines. ``probe``: each callback also records the signals blocked in its thread and
-        in a process it starts."""
+        in a process it starts. ``leader``: record leader_start and leader_stop too."""
         self.env = {"PYTHONPATH": os.pathsep.join(
             [str(gunicorn_release(gunicorn)), *filter(None, [os.environ.get("PYTHONPATH")])])
         } if gunicorn else {}
@@ -150,7 +153,8 @@ class Server:
             first=first, probe=probe, record=str(self.record), raising=raising,
             block=block or {},
             configure=(f"gunicorn_lifecycle.configure(**{{**{{name: _record(name) for name in "
-                       f"{CALLBACKS!r}}}, **{options!r}}})" if record else ""),
+                       f"{CALLBACKS + LEADER * leader!r}}}, **{options!r}}})" if record
+                       else ""),
             bind=f"unix:{self.sock}", control=str(directory / "ctl.sock"), workers=workers,
             settings=settings,
             hooks="\n".join(f"{h} = gunicorn_lifecycle.{h}" for h in hooks)))

@@ -121,3 +121,31 @@ def test_recipes_combined_with_lists(server: Make, tmp_path: Path) -> None:
     wait_for(lambda: not (metrics / f"gauge_livesum_{victim}.db").exists(),
              "mark_process_dead from worker_lost")
     s.stop()
+
+
+def test_one_worker_runs_the_scheduler_fenced_by_term(server: Make, tmp_path: Path) -> None:
+    ledger = tmp_path / "ledger"
+    s = recipe_server(server, "leader", 3, "timeout = 300\n")
+    s.start(env={"LEDGER": str(ledger)})
+
+    def rows() -> list[tuple[int, int]]:
+        text = ledger.read_text() if ledger.exists() else ""
+        return [(int(row.split()[0]), int(row.split()[-1])) for row in text.splitlines()]
+
+    def writers(term: int) -> set[int]:
+        return {pid for t, pid in rows() if t == term}
+
+    wait_for(lambda: writers(1), "the first leader's ticks")
+    (first,) = writers(1)
+    os.kill(first, signal.SIGKILL)
+    wait_for(lambda: writers(2), "a new leader's ticks after kill -9", timeout=10)
+    (second,) = writers(2)
+    os.kill(second, signal.SIGSTOP)  # frozen past the bound: replaced; its job is fenced off
+    try:
+        wait_for(lambda: writers(3), "a third leader's ticks", timeout=15)
+    finally:
+        os.kill(second, signal.SIGCONT)
+    wait_for(lambda: [t for t, _ in rows()].count(3) >= 3, "the third leader ticking on")
+    assert {pid for _, pid in rows()} == {first, second, *writers(3)}
+    assert [t for t, _ in rows()] == sorted(t for t, _ in rows()), "a stale term wrote after"
+    s.stop()

@@ -1,0 +1,113 @@
+"""The election hammered across processes, without Gunicorn, faster than Gunicorn could.
+
+Workers (the library's own ``Worker``, each in a forked process) register, boot,
+beat and sweep on one state file at ``interval=0.01``; they live a random while,
+then exit cleanly or are killed with SIGKILL at any step: inside a section,
+between an election and its ``leader_start``, inside a callback. The test process
+serves as their master (it shows its presence, as a master does) and keeps six
+of them running. Every ``leader_start`` and ``leader_stop`` is appended to a
+record with one write.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+from pathlib import Path
+
+from states import add_generation
+from test_protocol import _Log
+
+from gunicorn_lifecycle.events import Event
+from gunicorn_lifecycle.layout import H, S, index_of, slot_at, term_of
+from gunicorn_lifecycle.liveness import show_presence
+from gunicorn_lifecycle.options import Options
+from gunicorn_lifecycle.process import boot_id
+from gunicorn_lifecycle.statefile import open_for_server
+from gunicorn_lifecycle.transaction import Transactions
+from gunicorn_lifecycle.worker import Worker
+
+SLOTS = 32
+WORKERS = 6
+SECONDS = 10.0
+
+
+def _writer(record: str, what: str):  # type: ignore[no-untyped-def]
+    def callback(event: Event) -> None:
+        fd = os.open(record, os.O_WRONLY | os.O_APPEND)
+        os.write(fd, f"{what} {event.term} {os.getpid()}\n".encode())
+        os.close(fd)
+    return callback
+
+
+def elector(path: str, record: str, seed: int) -> None:
+    """One worker's life, in a forked child: never returns."""
+    try:
+        rng = random.Random(seed)
+        options = Options({"leader_start": (_writer(record, "start"),),
+                           "leader_stop": (_writer(record, "stop"),)},
+                          interval=0.01, failed=0.03, lock_timeout=5.0)
+        transactions = Transactions(open_for_server(path, SLOTS), _Log())
+        worker = Worker(transactions, 1, options, server=None, worker=None)
+        worker.start()
+        worker.booted()
+        time.sleep(rng.uniform(0, 0.1))
+        if rng.random() < 0.5:
+            worker.exit()
+    finally:
+        os._exit(0)
+
+
+def test_never_two_leader_starts_for_one_term(tmp_path: Path) -> None:
+    path, record = str(tmp_path / "election.state"), str(tmp_path / "leaders")
+    Path(record).touch()
+    transactions = Transactions(open_for_server(path, SLOTS), _Log())
+    with transactions.bookkeeping("register", 1.0) as state:
+        add_generation(state, 0, 1, overrun=int(0.04e9))
+        state.set_header(H.BOOT_ID, boot_id()[0])
+        state.set_header(H.BOOT_ID + 1, boot_id()[1])
+    show_presence(transactions.file.fd, 0, True)  # its master lives: the test process
+    view = transactions.state.words.view
+    rng = random.Random(15)
+    children: set[int] = set()
+    killed = spawned = 0
+    deadline = time.monotonic() + SECONDS
+    try:
+        while time.monotonic() < deadline:
+            while len(children) < WORKERS:
+                seed = rng.randrange(2**32)
+                pid = os.fork()
+                if pid == 0:
+                    elector(path, record, seed)
+                children.add(pid)
+                spawned += 1
+            time.sleep(rng.uniform(0, 0.02))
+            index = index_of(view[H.LEADER])
+            leader = view[slot_at(index) + S.PID] if index is not None else 0
+            if rng.random() < 0.5:
+                victim = leader if leader in children and rng.random() < 0.7 else rng.choice(
+                    sorted(children))
+                os.kill(victim, signal.SIGKILL)
+                killed += 1
+            for pid in list(children):
+                if os.waitpid(pid, os.WNOHANG)[0]:
+                    children.remove(pid)
+    finally:
+        for pid in children:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+    lines = [line.split() for line in Path(record).read_text().splitlines()]
+    starts = [int(term) for what, term, _ in lines if what == "start"]
+    assert len(starts) == len(set(starts)), "two leader_start for one term"
+    assert starts == sorted(starts), "a leader_start of an older term came after a newer one"
+    leading: dict[str, int] = {}
+    for what, term, pid in lines:
+        if what == "start":
+            leading[pid] = int(term)
+        else:
+            assert leading.pop(pid, None) == int(term), f"{pid} stopped term {term} it never led"
+    assert len(starts) >= 100, f"only {len(starts)} terms ({spawned} workers, {killed} killed)"
+    print(f"{len(starts)} leader_start in {SECONDS:.0f}s, last term {term_of(view[H.LEADER])}, "
+          f"{spawned} workers, {killed} killed")

@@ -1,0 +1,197 @@
+"""One leader worker per state file, with failover and a fencing term (SPEC section 10), on
+real Gunicorn masters and workers driven by real signals."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import signal
+import time
+from collections.abc import Callable, Collection
+from typing import Any
+
+from gunicorn_lifecycle.status import read_status
+from harness import Server, alive, check_record, cli, wait_for
+
+Make = Callable[..., Server]
+SLACK = 1.0  # a loaded 2-core machine's scheduling, on top of each bound
+NO_TIMEOUT = "timeout = 300"  # Gunicorn's own timeout never kills a worker these tests stop
+
+
+def check_leaders(events: list[dict[str, Any]], vanished: Collection[int] = ()) -> None:
+    """Replay the record (written in turn, so in delivery order): each term started once, terms
+    growing; a leader_stop only by the current leader of its term, and no leader_start while
+    another leader runs, unless that one ``vanished`` (killed, or stopped past the bound);
+    every leader that exits stops leading before its worker_exit."""
+    leading: dict[int, int] = {}  # pid -> its term, from its leader_start to its leader_stop
+    last_term = 0
+    for n, e in enumerate(events):
+        where = f"event #{n} {e}"
+        if e["cb"] == "leader_start":
+            assert e["term"] > last_term, f"{where}: a term started twice, or out of order"
+            last_term = e["term"]
+            others = set(leading) - set(vanished)
+            assert not others, f"{where}: {others} still lead"
+            assert e["in_pid"] == e["pid"] and e["reason"] == "elected", where
+            leading[e["pid"]] = e["term"]
+        elif e["cb"] == "leader_stop":
+            assert leading.pop(e["in_pid"], None) == e["term"], f"{where}: not its term"
+            assert e["reason"] in ("exit", "lost"), where
+        elif e["cb"] == "worker_exit":
+            assert e["pid"] not in leading, f"{where}: exits while it leads"
+
+
+def leader(s: Server) -> dict[str, int] | None:
+    """The leader the state names: its pid and term."""
+    return next((g["leader"] for g in read_status(s.state_file)["generations"] if g["leader"]),
+                None)
+
+
+def started(s: Server, term: int, timeout: float = 15.0) -> dict[str, Any]:
+    """The leader_start of the first term after ``term``."""
+    return s._wait(lambda: next((e for e in s.events("leader_start") if e["term"] > term),
+                                None), f"a leader_start with a term after {term}", timeout)
+
+
+def test_one_leader_after_start_then_kill_9_and_term(server: Make) -> None:
+    s = server(workers=3, leader=True, interval=0.5, failed=0.5).start(wait_workers=3)
+    s.wait_settled()
+    (first,) = s.events("leader_start")
+    workers = {e["pid"] for e in s.events("worker_start")}
+    assert first["in_pid"] in workers and first["in_main"], "in post_worker_init of its worker"
+    assert first["term"] == 1 and leader(s) == {"pid": first["pid"], "term": 1}
+    ids = {e["id"]: e for e in s.events("worker_start")}
+    assert first["id"] in ids and first["generation"] == ids[first["id"]]["generation"]
+
+    killed = time.monotonic()
+    os.kill(first["pid"], signal.SIGKILL)  # reaped by its master: replaced within an interval
+    second = started(s, first["term"])
+    took = second["t"] - killed
+    assert second["term"] == 2 and second["pid"] != first["pid"] and not second["in_main"]
+    assert took <= 0.5 + SLACK, f"the reaped leader was replaced after {took:.2f}s"
+    wait_for(lambda: leader(s) == {"pid": second["pid"], "term": 2}, "status to show term 2")
+
+    s.stop()
+    check_leaders(s.events(), vanished={first["pid"]})
+    check_record(s.events())
+    stop = s.events("leader_stop", in_pid=second["pid"])
+    assert [e["reason"] for e in stop] == ["exit"], stop
+    assert s.events().index(stop[0]) < s.events().index(
+        s.events("worker_exit", pid=second["pid"])[0]), "leader_stop before its worker_exit"
+    assert leader(s) is None
+
+
+def test_a_stopped_leader_is_replaced_and_stops_leading_when_continued(server: Make) -> None:
+    interval, failed = 0.2, 0.4
+    s = server(workers=3, leader=True, interval=interval, failed=failed,
+               settings=NO_TIMEOUT).start(wait_workers=3)
+    s.wait_settled()
+    (first,) = s.events("leader_start")
+    stopped = time.monotonic()
+    os.kill(first["pid"], signal.SIGSTOP)
+    try:
+        second = started(s, first["term"])
+        took = second["t"] - stopped
+        # Found late once its stamp is interval + failed old, by the next sweep (one interval),
+        # elected there; the new leader learns it at its next beat (one interval at most).
+        assert took <= interval + failed + 2 * interval + SLACK, f"replaced after {took:.2f}s"
+        assert second["pid"] != first["pid"] and second["term"] == first["term"] + 1
+        assert not s.events("leader_stop"), "the stopped leader cannot run anything"
+    finally:
+        os.kill(first["pid"], signal.SIGCONT)
+    (stop,) = s.wait_count("leader_stop", 1)
+    assert (stop["in_pid"], stop["term"], stop["reason"]) == (first["pid"], 1, "lost")
+    assert not stop["in_main"], "found at its next beat, outside the main thread"
+    resumed = s.wait_count("worker_start", 1, reason="resume")[0]
+    assert s.events().index(stop) < s.events().index(resumed), "it stops leading first"
+    assert leader(s) == {"pid": second["pid"], "term": second["term"]}
+    s.stop()
+    check_leaders(s.events(), vanished={first["pid"]})
+    check_record(s.events())
+
+
+def test_hup_hands_leadership_to_the_new_generation_without_overlap(server: Make) -> None:
+    interval = 0.3
+    s = server(workers=2, leader=True, interval=interval, failed=0.5).start(wait_workers=2)
+    s.wait_settled()
+    (first,) = s.events("leader_start")
+    for hup in range(1, 3):
+        s.signal(signal.SIGHUP)
+        new = s.wait_count("master_start", hup + 1)[-1]["generation"]
+        s.wait_count("master_ready", 1, generation=new)
+        after = started(s, first["term"] + hup - 1)
+        assert after["generation"] == new, after
+        stop = s.events("leader_stop", term=after["term"] - 1)
+        assert [e["reason"] for e in stop] == ["exit"], stop
+        gap = after["t"] - stop[0]["t"]
+        # At once (one beat) if a worker of the new generation had booted when the old leader
+        # exited; else the first one to boot leads from its own post_worker_init.
+        assert after["in_main"] or gap <= interval + SLACK, f"a gap of {gap:.2f}s"
+        assert gap >= 0, "no overlap"
+        s.wait_booted(workers=2)
+    s.stop()
+    check_leaders(s.events())
+    check_record(s.events())
+
+
+def test_upgrade_hands_leadership_to_the_new_master(server: Make) -> None:
+    interval = 0.3
+    s = server(workers=2, leader=True, interval=interval, failed=0.5).start(wait_workers=2)
+    s.wait_settled()
+    (first,) = s.events("leader_start")
+    done = cli("upgrade", "--state", s.state_file, "--timeout", "60")
+    assert done.returncode == 0, done.stderr
+    new_master = next(g for g in read_status(s.state_file)["generations"] if g["open"])
+    assert new_master["master_pid"] != s.pid
+    after = started(s, first["term"])
+    (stop,) = s.events("leader_stop")
+    assert (stop["in_pid"], stop["reason"]) == (first["pid"], "exit")
+    assert after["generation"] == new_master["generation"] and after["term"] == 2
+    gap = after["t"] - stop["t"]
+    assert 0 <= gap <= interval + SLACK, f"the new generation was ready: a gap of {gap:.2f}s"
+    check_leaders(s.events())
+    os.kill(new_master["master_pid"], signal.SIGTERM)
+    s.wait_exit(new_master["master_pid"])
+    check_leaders(s.events())
+    check_record(s.events())
+
+
+def test_hammer_never_two_leader_starts_for_one_term(server: Make) -> None:
+    """Many workers racing to elect (the master's reaps, every worker's sweeps and boots) while
+    leaders and other workers are killed or frozen at random."""
+    s = server(workers=8, leader=True, interval=0.02, failed=0.1,
+               settings=NO_TIMEOUT).start(wait_workers=8)
+    s.wait_settled()
+    rng = random.Random(15)
+    vanished: set[int] = set()
+    term = s.wait_count("leader_start", 1)[-1]["term"]
+    deadline = time.monotonic() + 12
+    elections = 0
+    while time.monotonic() < deadline:
+        current = s.events("leader_start")[-1]
+        victims = s.live_workers(s.pid)
+        choice = rng.random()
+        if choice < 0.6 or not victims:
+            target, how = current["pid"], signal.SIGKILL
+        elif choice < 0.8:
+            target, how = rng.choice(victims), signal.SIGKILL
+        else:
+            target, how = rng.choice([current["pid"], *victims]), signal.SIGSTOP
+        vanished.add(target)
+        with contextlib.suppress(ProcessLookupError):  # reaped meanwhile
+            os.kill(target, how)
+            if how == signal.SIGSTOP:
+                time.sleep(rng.uniform(0, 0.4))
+                os.kill(target, signal.SIGCONT)
+        if target == current["pid"] and how == signal.SIGKILL:
+            term = started(s, term, timeout=10)["term"]
+        elections = len(s.events("leader_start")) - 1
+    starts = s.events("leader_start")
+    terms = [e["term"] for e in starts]
+    assert len(terms) == len(set(terms)), "two leader_start for one term"
+    assert elections >= 60, f"only {elections} elections in 12s"
+    wait_for(lambda: leader(s) is not None and alive(leader(s)["pid"]),  # type: ignore[index]
+             "a live leader after the storm")
+    check_leaders(s.events(), vanished=vanished)
+    print(f"{elections} elections, {len(starts)} leader_start, last term {terms[-1]}")
