@@ -1,4 +1,5 @@
-"""The election hammered across processes, without Gunicorn, faster than Gunicorn could.
+"""The election: its rules on crafted states, and hammered across processes without Gunicorn,
+faster than Gunicorn could.
 
 Workers (the library's own ``Worker``, each in a forked process) register, boot,
 beat and sweep on one state file at ``interval=0.01``; they live a random while,
@@ -17,14 +18,28 @@ import signal
 import time
 from pathlib import Path
 
-from states import add_generation
+from states import add_generation, add_worker, fresh, state_of
 from test_protocol import _Log
 
 from gunicorn_lifecycle.events import Event
-from gunicorn_lifecycle.layout import H, S, index_of, slot_at, term_of
+from gunicorn_lifecycle.layout import (
+    TERMS,
+    Flag,
+    GenerationState,
+    H,
+    Readiness,
+    Reason,
+    S,
+    index_of,
+    leader_word,
+    slot_at,
+    term_of,
+)
+from gunicorn_lifecycle.leader import keep, leader_slot
 from gunicorn_lifecycle.liveness import show_presence
 from gunicorn_lifecycle.options import Options
 from gunicorn_lifecycle.process import boot_id
+from gunicorn_lifecycle.state import State
 from gunicorn_lifecycle.statefile import open_for_server
 from gunicorn_lifecycle.transaction import Transactions
 from gunicorn_lifecycle.worker import Worker
@@ -111,3 +126,81 @@ def test_never_two_leader_starts_for_one_term(tmp_path: Path) -> None:
     assert len(starts) >= 100, f"only {len(starts)} terms ({spawned} workers, {killed} killed)"
     print(f"{len(starts)} leader_start in {SECONDS:.0f}s, last term {term_of(view[H.LEADER])}, "
           f"{spawned} workers, {killed} killed")
+
+
+# The rules of one election, on crafted states.
+
+def _state_with(*generations: tuple[int, Readiness, GenerationState, int]) -> State:
+    """Generations (number, readiness, state, depth), each with two booted workers, freshly
+    beaten: the second worker of each beat last."""
+    state = state_of(fresh(16))
+    now = time.monotonic_ns()
+    for index, (number, ready, kind, depth) in enumerate(generations):
+        add_generation(state, index, number)
+        state.set_generation(index, ready=ready, depth=depth, state=kind)
+        for k in range(2):
+            add_worker(state, 2 * index + k, number, 1000 + 2 * index + k, 1, heartbeat=now + k)
+    return state
+
+
+def _leader(state: State) -> tuple[int, int] | None:
+    """(term, pid) of the leader the state names."""
+    slot = leader_slot(state)
+    return None if slot is None else (term_of(state.header(H.LEADER)), slot.pid)
+
+
+def test_the_newest_ready_open_generation_leads_and_keeps_it() -> None:
+    state = _state_with((1, Readiness.TOLD, GenerationState.OPEN, 0),
+                        (2, Readiness.NOT_YET, GenerationState.OPEN, 0),
+                        (3, Readiness.TOLD, GenerationState.SUPERSEDED, 1))
+    keep(state)
+    assert _leader(state) == (1, 1001), "ready before newer; superseded never; freshest beat"
+    keep(state)
+    assert _leader(state) == (1, 1001), "kept: no new term while it can lead"
+    state.set_generation(1, ready=Readiness.READY)  # generation 2 is ready now: no preemption
+    keep(state)
+    assert _leader(state) == (1, 1001)
+    state.release(1)  # the leader is gone: the newest ready generation
+    keep(state)
+    assert _leader(state) == (2, 1003)
+
+
+def test_who_can_never_be_elected() -> None:
+    state = _state_with((1, Readiness.TOLD, GenerationState.OPEN, 0))
+    state.set_flags(0, Flag.COUNTED)  # still booting
+    state.words[slot_at(1) + S.HEARTBEAT] = time.monotonic_ns() - 2 * 10**9  # late: 1 s overrun
+    keep(state)
+    assert _leader(state) is None and state.header(H.LEADER) == 0, "none: the term stays"
+    state.words[slot_at(1) + S.HEARTBEAT] = time.monotonic_ns()
+    keep(state)
+    assert _leader(state) == (1, 1001)
+    state.lose(1, Reason.HEARTBEAT, time.monotonic_ns())
+    keep(state)
+    assert _leader(state) is None and term_of(state.header(H.LEADER)) == 1, "vacant, term kept"
+    state.set_flags(0, Flag.BOOTED | Flag.COUNTED)
+    keep(state)
+    assert _leader(state) == (2, 1000), "each election a new term"
+
+
+def test_a_leader_that_registered_again_is_elected_anew() -> None:
+    state = _state_with((1, Readiness.TOLD, GenerationState.OPEN, 0))
+    keep(state)
+    assert _leader(state) == (1, 1001)
+    state.reclaim(1, state.take_token(), time.monotonic_ns() + 10)  # lost, then back
+    keep(state)
+    assert _leader(state) == (2, 1001), "the old token no longer leads: a new term"
+
+
+def test_a_scribbled_or_exhausted_leader_word_is_mended() -> None:
+    state = _state_with((1, Readiness.TOLD, GenerationState.OPEN, 0))
+    state.set_header(H.LEADER, leader_word(7, 15))  # a slot that is free
+    keep(state)
+    assert _leader(state) == (8, 1001)
+    state.set_header(H.LEADER, (1 << 63) - 1)  # a slot past the capacity, the last term
+    keep(state)
+    assert _leader(state) == (1, 1001), "terms wrap to 1"
+    assert term_of((1 << 63) - 1) == TERMS - 1
+    state.set_header(H.LEADER, -1)  # words are signed: a scribbled one may be negative
+    keep(state)
+    assert _leader(state) == (1, 1001)
+    assert index_of(leader_word(3, None)) is None and index_of(leader_word(3, 0)) == 0
