@@ -242,8 +242,8 @@ class Worker:
         if slot.state == SlotState.LOST:  # found lost, but not yet told: it exits instead
             self._own(state, self.index, registered=True)
             slot = state.slot(self.index)
-        if self.leadership.named(state, self.index, self.token):
-            withdraw(state, self.index)  # its leader_stop ran: another is elected
+        # Never elected on its way out; if it leads (its leader_stop ran), another is elected.
+        withdraw(state, self.index)
         if self.aborted:
             return lose(state, slot, Reason.TIMEOUT, False, self.options, self.server, self.worker)
         return [WorkerExited(self.index, self.token, self.options, self.server, self.worker)]

@@ -12,6 +12,7 @@ import pytest
 from states import registered
 
 from harness import Server, check_record, wait_for
+from test_leader import check_leaders
 
 Make = Callable[..., Server]
 WSGI, ASGI = "example_app.app:app", "example_app.app:asgi_app"
@@ -43,7 +44,7 @@ def no_bad_deaths(s: Server) -> None:
 
 @pytest.mark.parametrize("worker_class", CLASSES)
 def test_start_reload_upgrade_crash_stop(server: Make, worker_class: str) -> None:
-    s = make(server, worker_class, workers=2).start(wait_workers=2)
+    s = make(server, worker_class, workers=2, leader=True).start(wait_workers=2)
     assert b" 200 OK" in s.request()
     s.signal(signal.SIGHUP)
     reload_start = s.wait_count("master_start", 1, reason="reload")[0]
@@ -56,6 +57,7 @@ def test_start_reload_upgrade_crash_stop(server: Make, worker_class: str) -> Non
     s.signal(signal.SIGTERM)
     s.wait_exit()
     assert s.events("master_exit", reason="upgrade")
+    s.wait_count("leader_start", 1, generation=upgrade["generation"])
     victim = starts[0]["pid"]
     os.kill(victim, signal.SIGKILL)
     s.wait_count("worker_lost", 1)
@@ -68,6 +70,11 @@ def test_start_reload_upgrade_crash_stop(server: Make, worker_class: str) -> Non
     assert [e["pid"] for e in s.events("worker_lost")] == [victim]
     assert [e["reason"] for e in s.events("master_exit")] == ["reload", "upgrade", "stop"]
     check_record(s.events())  # every other worker: exactly one worker_exit
+    # A leader from the start, handed over to the upgrade's generation (and to the reload's,
+    # if one of its workers noticed before the upgrade); every term started once, in order.
+    leaders = {e["generation"] for e in s.events("leader_start")}
+    assert {1, upgrade["generation"]} <= leaders, s.events("leader_start")
+    check_leaders(s.events(), vanished={victim})
     no_bad_deaths(s)
 
 
