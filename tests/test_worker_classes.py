@@ -10,9 +10,9 @@ from collections.abc import Callable
 import gunicorn
 import pytest
 from states import registered
+from test_leader import check_leaders
 
 from harness import Server, check_record, wait_for
-from test_leader import check_leaders
 
 Make = Callable[..., Server]
 WSGI, ASGI = "example_app.app:app", "example_app.app:asgi_app"
