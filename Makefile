@@ -25,6 +25,7 @@ lint: $(STAMP)
 
 # Benchmarks against bare Gunicorn and a naive tracker (not part of `make test`): ratios, budgets.
 bench: $(STAMP)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,lint,bench]'
 	$(BIN)/python -m benchmarks $(BENCH_ARGS)
 
 # Every supported Gunicorn on every Python found here (pyenv's too); not part of CI.

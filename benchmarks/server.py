@@ -93,7 +93,7 @@ class Gunicorn:
     """One Gunicorn instance serving the example app on a unix socket in ``directory``."""
 
     def __init__(self, directory: Path, *, workers: int, hooks: str = "",
-                 settings: str = "", cpus: set[int] | None = None) -> None:
+                 settings: str = "", cpus: set[int] | None = None, app: str = APP) -> None:
         directory.mkdir(parents=True, exist_ok=False)
         self.directory = directory
         self.workers = workers
@@ -105,13 +105,14 @@ class Gunicorn:
             bind=f"unix:{self.socket}", workers=workers, settings=settings, hooks=hooks,
             ready=str(self._ready)))
         self._cpus = cpus
+        self._app = app
         self._proc: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> Gunicorn:
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         with open(self.log, "wb") as log:
             self._proc = subprocess.Popen(
-                [GUNICORN, "-c", str(self.config), APP],
+                [GUNICORN, "-c", str(self.config), self._app],
                 cwd=self.directory, env=env, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True, preexec_fn=self._pin if self._cpus else None)
         return self
@@ -199,11 +200,17 @@ def rss_bytes(pid: int) -> int:
 
 def uss_bytes(pid: int) -> int:
     """Memory private to a process (Private_Clean + Private_Dirty in smaps_rollup)."""
-    private = 0
-    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-        if line.startswith(("Private_Clean:", "Private_Dirty:")):
-            private += int(line.split()[1]) * 1024
-    return private
+    return _rollup(pid, "Private_Clean:", "Private_Dirty:")
+
+
+def pss_bytes(pid: int) -> int:
+    """Proportional memory: private pages, plus each shared page divided by its sharers."""
+    return _rollup(pid, "Pss:")
+
+
+def _rollup(pid: int, *fields: str) -> int:
+    lines = Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
+    return sum(int(line.split()[1]) * 1024 for line in lines if line.startswith(fields))
 
 
 def state_words(state_file: Path) -> Words:
