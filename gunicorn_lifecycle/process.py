@@ -34,11 +34,19 @@ def is_alive(pid: int, started: int) -> bool:
     return started != 0 and start_time(pid) == started
 
 
+_own: tuple[int, int] = (0, 0)  # (pid, start time) of this process, read once per process
+
+
 def own_start_time() -> int:
-    """This process's start time; it always exists."""
-    started = start_time(os.getpid())
-    assert started is not None
-    return started
+    """This process's start time; it always exists. Read once per process (a forked worker
+    reads its own): a read of ``/proc`` is a good part of a worker's boot."""
+    global _own
+    pid = os.getpid()
+    if _own[0] != pid:
+        started = start_time(pid)
+        assert started is not None
+        _own = (pid, started)
+    return _own[1]
 
 
 def pid_namespace() -> int:
