@@ -25,7 +25,9 @@ BENCHMARKS: dict[str, Callable[[Path, int, bool], Table]] = {
     "sweep": sweep.run,
     "memory": memory.run,
     "deploy": deploy.run,
+    "breakdown": heartbeat.breakdown,
 }
+DEFAULT = [name for name in BENCHMARKS if name != "breakdown"]  # a study: --only breakdown
 # About 8 minutes in all on a 2-core machine (3.5 of them for the heartbeat, 2 for deploys).
 DEFAULT_REPEATS = 7
 
@@ -47,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
 
     tables: list[Table] = []
     with tempfile.TemporaryDirectory(prefix="gunicorn-lifecycle-bench-") as workdir:
-        for name in args.only or list(BENCHMARKS):
+        for name in args.only or DEFAULT:
             started = time.monotonic()
             table = BENCHMARKS[name](Path(workdir) / name, repeats, args.quick)
             table.notes.append(f"took {time.monotonic() - started:.0f} s")

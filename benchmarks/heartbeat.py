@@ -78,15 +78,51 @@ def run(workdir: Path, repeats: int, quick: bool) -> Table:
     )
 
 
+# Where the plugin's cost sits: its heartbeat thread with parts of the beat taken away, patched
+# into the worker from the bench config (run with `--only breakdown`).
+PARTS = {
+    "a beat that does nothing": "Worker.beat = lambda self: None\n",
+    "one clock read and one store": ("def _stamp(self):\n"
+                                     "    self._view[self._heartbeat_at] = time.monotonic_ns()\n"
+                                     "Worker.beat = _stamp\n"),
+    "the whole beat, sweeps taken away": "Worker._sweep = lambda self: None\n",
+}
+
+
+def breakdown(workdir: Path, repeats: int, quick: bool) -> Table:
+    """The plugin's cost per worker-interval with parts of the beat taken away, against the
+    idle thread and the whole plugin (same run)."""
+    window = 1.0 if quick else 4.0
+    kinds = ("bare", "idle", *PARTS, "plugin")
+    costs: dict[str, list[float]] = {kind: [] for kind in kinds if kind != "bare"}
+    for repeat in range(repeats):
+        order = kinds if repeat % 2 == 0 else kinds[::-1]
+        rate = {kind: _cpu_rate(workdir / f"{repeat}-{n}", kind, FEW, window)[0]
+                for n, kind in enumerate(order)}
+        for kind, found in costs.items():
+            found.append((rate[kind] - rate["bare"]) * INTERVAL / FEW)
+    idle = median(costs["idle"])
+    return Table(
+        "1b. where the heartbeat's cost sits, per worker-interval",
+        [Row(kind, median(found), idle, "s") for kind, found in costs.items()],
+        [f"{FEW} workers, interval {INTERVAL * 1e3:g} ms, median of {repeats} runs; baseline: "
+         "the idle thread"])
+
+
 def _cpu_rate(directory: Path, kind: str, workers: int, window: float) -> tuple[float, int]:
     """CPU seconds per second used by all workers of one instance, once they have booted;
     and the workers the plugin reported lost by heartbeat meanwhile."""
-    hooks = {
-        "bare": "",
-        "plugin": plugin_hooks(directory / "lifecycle.state", interval=INTERVAL, failed=FAILED),
-        "naive": naive.hooks(directory / "naive.json", interval=INTERVAL, failed=FAILED),
-        "idle": IDLE_HOOKS.format(interval=INTERVAL),
-    }[kind]
+    plugin = plugin_hooks(directory / "lifecycle.state", interval=INTERVAL, failed=FAILED)
+    if kind in PARTS:
+        hooks = (f"{plugin}import time\nfrom gunicorn_lifecycle.worker import Worker\n"
+                 f"{PARTS[kind]}")
+    else:
+        hooks = {
+            "bare": "",
+            "plugin": plugin,
+            "naive": naive.hooks(directory / "naive.json", interval=INTERVAL, failed=FAILED),
+            "idle": IDLE_HOOKS.format(interval=INTERVAL),
+        }[kind]
     with Gunicorn(directory, workers=workers, hooks=hooks) as server:
         pids = server.ready()
         started, before = time.monotonic(), sum(cpu_seconds(pid) for pid in pids)
@@ -96,5 +132,5 @@ def _cpu_rate(directory: Path, kind: str, workers: int, window: float) -> tuple[
             raise RuntimeError(f"a {kind} worker was replaced during the window: "
                                f"{server.log_tail()}")
         lost = (state_words(directory / "lifecycle.state")[H.LOST_TALLY + Reason.HEARTBEAT]
-                if kind == "plugin" else 0)
+                if kind == "plugin" or kind in PARTS else 0)
     return (after - before) / elapsed, lost
