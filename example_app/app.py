@@ -1,7 +1,8 @@
 """A small app for Gunicorn with the lifecycle hooks: WSGI (``app``) and ASGI (``asgi_app``).
 
 ``GET /spin?seconds=N`` computes for N seconds without ever yielding, holding
-the GIL as a CPU-bound request does (a worker busy, not dead).
+the GIL as a CPU-bound request does (a worker busy, not dead); ``GET
+/sleep?seconds=N`` waits N seconds, as a request on a slow backend does.
 """
 
 from __future__ import annotations
@@ -17,10 +18,13 @@ def _body() -> bytes:
 
 
 def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+    seconds = float(environ.get("QUERY_STRING", "").partition("=")[2] or 1)
     if environ.get("PATH_INFO") == "/spin":
-        until = time.monotonic() + float(environ.get("QUERY_STRING", "").partition("=")[2] or 1)
+        until = time.monotonic() + seconds
         while time.monotonic() < until:
             pass
+    elif environ.get("PATH_INFO") == "/sleep":
+        time.sleep(seconds)
     body = _body()
     start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
     return [body]

@@ -76,8 +76,12 @@ def keep(state: State) -> None:
         return
     best = max(candidates, key=lambda s: (generations[s.generation].ready != Readiness.NOT_YET,
                                           generations[s.generation].lineage, s.heartbeat))
+    previous = term_of(word)
+    # A new state file (a reboot empties the runtime directory) starts from the wall clock in
+    # milliseconds, not from 1: the terms an external system has seen keep growing.
+    term = previous + 1 if 0 < previous < TERMS - 1 else max(1, time.time_ns() // 10**6 % TERMS)
     state.set_header(H.LEADER_TOKEN, best.owner)  # before the word that names it: see module
-    state.set_header(H.LEADER, leader_word((term_of(word) + 1) % TERMS or 1, best.index))
+    state.set_header(H.LEADER, leader_word(term, best.index))
 
 
 def withdraw(state: State, index: int) -> None:
@@ -124,17 +128,14 @@ class Leadership:
                                                                          | LeaderStopped]:
         """Under the lock: the ``leader_stop`` and ``leader_start`` the LEADER word owes now.
 
-        A worker named that no longer serves (Gunicorn stops it) withdraws, and
-        another is elected. ``seen`` moves on unless a start is owed: a start that
-        does not get its turn is tried again at a later beat.
+        A worker that no longer serves (Gunicorn stops it) withdraws: it is never
+        elected again, and if it was, another is. ``seen`` moves on unless a start
+        is owed: a start that does not get its turn is tried again at a later beat.
         """
+        if index is not None and not self.serving():
+            withdraw(state, index)
         keep(state)
         named = self.named(state, index, token)
-        if named and not self.serving():
-            assert index is not None
-            withdraw(state, index)
-            keep(state)
-            named = False
         word = state.header(H.LEADER)
         owed: list[LeaderStarted | LeaderStopped] = []
         if self.term and not (named and term_of(word) == self.term):

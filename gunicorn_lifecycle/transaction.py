@@ -9,7 +9,9 @@ the turn alone. An event without a callback takes no turn.
 
 The turn is a word in the state (who holds it: pid and start time), taken under
 the lock, and released with one store by its holder. A holder that died is
-passed over: its pid is no longer alive with that start time.
+passed over: its pid is no longer alive with that start time. So is a worker
+that a sweep found stopped (its heartbeat overran), as its leadership is: if it
+runs again, its callback finishes while others may run.
 
 No signal is ever masked. A hook that a signal handler calls inside another
 (Gunicorn 21 to 23 reap workers, and call ``child_exit``, from their SIGCHLD
@@ -31,7 +33,7 @@ from functools import partial
 from . import threads
 from .errors import LifecycleError
 from .events import Log, run_callbacks
-from .layout import H
+from .layout import H, SlotState
 from .leader import keep
 from .lifecycle import Owed
 from .lock import LockTimeout, StateLock
@@ -49,7 +51,11 @@ Work = Callable[[State], Sequence[Owed]]
 
 
 class TurnTimeout(Exception):
-    """The turn to run user callbacks was not had in time."""
+    """The turn to run user callbacks was not had in time (``waited``: with a timeout > 0)."""
+
+    def __init__(self, message: str, waited: bool) -> None:
+        super().__init__(message)
+        self.waited = waited
 
 
 class Transactions:
@@ -166,8 +172,9 @@ class Transactions:
                     run_callbacks(owed.callback, callbacks, event, options.on_error, self.log)
         except TurnTimeout as exc:
             if owed.callback in ("master_ready", "leader_start"):
-                self.log.error("gunicorn_lifecycle: %s; %s stays owed: a later sweep or beat "
-                               "delivers it", exc, owed.callback)
+                if exc.waited:  # not again for each retry that gives up at once
+                    self.log.error("gunicorn_lifecycle: %s; %s stays owed: a later sweep or "
+                                   "beat delivers it", exc, owed.callback)
                 return
             if owed.callback.endswith("_start"):
                 self.log.error("gunicorn_lifecycle: %s; no %s callback: what it starts stays "
@@ -191,7 +198,7 @@ class Transactions:
         if not (self._turn_threads.acquire(True, timeout) if timeout > 0
                 else self._turn_threads.acquire(False)):
             raise TurnTimeout(f"gave up on the turn for {what} after {timeout:.1f}s: another "
-                              "thread of this process runs callbacks")
+                              "thread of this process runs callbacks", timeout > 0)
         try:
             pause = 0.0001
             while (holder := self._take_turn(what, max(deadline - time.monotonic(), 0))):
@@ -199,7 +206,7 @@ class Transactions:
                     if timeout > 0:
                         self._turn_stalled = True
                     raise TurnTimeout(f"gave up on the turn for {what} in pid {self.pid} after "
-                                      f"{timeout:.1f}s: {holder} runs its callbacks")
+                                      f"{timeout:.1f}s: {holder} runs its callbacks", timeout > 0)
                 threads.sleep(pause)
                 pause = min(pause * 2, 0.01)
             self._turn_stalled = False
@@ -216,12 +223,19 @@ class Transactions:
             self._turn_threads.release()
 
     def _take_turn(self, what: str, timeout: float) -> str:
-        """Take the turn if it is free (or its holder died); else say who holds it."""
+        """Take the turn if it is free, or its holder died, or it is a worker that a sweep
+        found stopped (lost by its heartbeat, as a frozen leader is replaced); else say who
+        holds it."""
         with self.bookkeeping("turn", timeout) as state:
             pid, started = state.header(H.TURN_PID), state.header(H.TURN_STARTED)
+            code = state.header(H.TURN_WHAT)
+            holder = f"pid {pid} ({WHAT[code] if 0 <= code < len(WHAT) else '?'})"
             if pid and pid != self.pid and is_alive(pid, started):
-                code = state.header(H.TURN_WHAT)
-                return f"pid {pid} ({WHAT[code] if 0 <= code < len(WHAT) else '?'})"
+                if not any((s.pid, s.started) == (pid, started)
+                           for s in state.slots_in(SlotState.LOST)):
+                    return holder
+                state.note("gunicorn_lifecycle: %s holds the turn but was found stopped (its "
+                           "heartbeat overran); the others' callbacks go on without it", holder)
             state.set_header(H.TURN_STARTED, self.started)
             state.set_header(H.TURN_WHAT, WHAT.index(what))
             state.set_header(H.TURN_PID, self.pid)

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .errors import LifecycleError, StateDamaged
+from .events import CallbackFailed
 from .heartbeat import Heartbeat
 from .layout import Flag, H, Reason, S, SlotState, slot_at
 from .leader import Leadership, withdraw
@@ -50,6 +51,8 @@ class Worker:
         self.aborted = False  # Gunicorn's worker_abort ran: its exit is a loss ("timeout")
         self.heartbeat = Heartbeat(options.interval, self.beat, self.log)
         self.courier = Courier(transactions, self.log)
+        self._serving = serving
+        self._withdrawn = False  # it found it no longer serves, and withdrew from leadership
         self.leadership = Leadership(transactions, generation, options, server, worker,
                                      lambda: not self._leaving and serving())
         self._view = transactions.state.words.view
@@ -99,13 +102,16 @@ class Worker:
         try:
             if self.index is None:
                 return  # never tracked: no slot was free, or the lock could not be had
-            self.leadership.stop(self.index, self.token)
+            failed = _attempt(self.leadership.stop, self.index, self.token)
             with self.tx.bookkeeping("exit", self.options.lock_timeout) as state:
                 owed = self._leave(state)
-            self.tx.deliver_all(owed)
+            exit_failed = _attempt(self.tx.deliver_all, owed)  # delivered, whatever came before
+            failed = failed or exit_failed
             with self.tx.bookkeeping("exit", self.options.lock_timeout) as state:
                 owed = self._release(state)
             self.tx.deliver_all(owed)
+            if failed is not None:
+                raise failed  # on_error="raise", once the exit is complete
         finally:
             self.heartbeat.stop()
 
@@ -142,6 +148,8 @@ class Worker:
             self._come_back()
             return
         view[self._heartbeat_at] = now
+        if not self._withdrawn and not self._serving():  # Gunicorn stops it: it never leads
+            self._withdrawn = self._lead_later()
         late = now - self._last > self._late
         self._last = now
         if now >= view[H.NEXT_SWEEP] and not late:
@@ -152,11 +160,14 @@ class Worker:
     def _lead(self) -> None:
         self.leadership.follow(self.index, self.token)
 
-    def _lead_later(self) -> None:
-        """Follow the leadership from the courier: a callback never holds up a beat."""
-        if not self.leadership.asked and not self._leaving:
-            self.leadership.asked = True
-            self.courier.run([("leadership", self._lead)])
+    def _lead_later(self) -> bool:
+        """Follow the leadership from the courier (a callback never holds up a beat); False if
+        a follow is on its way already, or the worker is leaving."""
+        if self.leadership.asked or self._leaving:
+            return False
+        self.leadership.asked = True
+        self.courier.run([("leadership", self._lead)])
+        return True
 
     def _register(self, state: State) -> list[Owed]:
         gen = state.generation(self.generation)
@@ -265,3 +276,13 @@ class Worker:
 
     def _is_mine(self, slot: Slot) -> bool:
         return (slot.pid, slot.started) == (self.pid, self.started)
+
+
+def _attempt(action: Callable[..., None], *args: Any) -> CallbackFailed | None:
+    """Run ``action``; a callback's failure under ``on_error="raise"`` is returned instead of
+    raised, so that the exit it interrupts still completes (else the worker counts as lost)."""
+    try:
+        action(*args)
+    except CallbackFailed as failed:
+        return failed
+    return None

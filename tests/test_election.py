@@ -132,8 +132,9 @@ def test_never_two_leader_starts_for_one_term(tmp_path: Path) -> None:
 
 def _state_with(*generations: tuple[int, Readiness, GenerationState, int]) -> State:
     """Generations (number, readiness, state, depth), each with two booted workers, freshly
-    beaten: the second worker of each beat last."""
+    beaten: the second worker of each beat last. The last term was 100, and nobody leads."""
     state = state_of(fresh(16))
+    state.set_header(H.LEADER, leader_word(100, None))
     now = time.monotonic_ns()
     for index, (number, ready, kind, depth) in enumerate(generations):
         add_generation(state, index, number)
@@ -154,15 +155,15 @@ def test_the_newest_ready_open_generation_leads_and_keeps_it() -> None:
                         (2, Readiness.NOT_YET, GenerationState.OPEN, 0),
                         (3, Readiness.TOLD, GenerationState.SUPERSEDED, 1))
     keep(state)
-    assert _leader(state) == (1, 1001), "ready before newer; superseded never; freshest beat"
+    assert _leader(state) == (101, 1001), "ready before newer; superseded never; freshest beat"
     keep(state)
-    assert _leader(state) == (1, 1001), "kept: no new term while it can lead"
+    assert _leader(state) == (101, 1001), "kept: no new term while it can lead"
     state.set_generation(1, ready=Readiness.READY)  # generation 2 is ready now: no preemption
     keep(state)
-    assert _leader(state) == (1, 1001)
+    assert _leader(state) == (101, 1001)
     state.release(1)  # the leader is gone: the newest ready generation
     keep(state)
-    assert _leader(state) == (2, 1003)
+    assert _leader(state) == (102, 1003)
 
 
 def test_who_can_never_be_elected() -> None:
@@ -170,25 +171,25 @@ def test_who_can_never_be_elected() -> None:
     state.set_flags(0, Flag.COUNTED)  # still booting
     state.words[slot_at(1) + S.HEARTBEAT] = time.monotonic_ns() - 2 * 10**9  # late: 1 s overrun
     keep(state)
-    assert _leader(state) is None and state.header(H.LEADER) == 0, "none: the term stays"
+    assert _leader(state) is None and state.header(H.LEADER) == leader_word(100, None), "none"
     state.words[slot_at(1) + S.HEARTBEAT] = time.monotonic_ns()
     keep(state)
-    assert _leader(state) == (1, 1001)
+    assert _leader(state) == (101, 1001)
     state.lose(1, Reason.HEARTBEAT, time.monotonic_ns())
     keep(state)
-    assert _leader(state) is None and term_of(state.header(H.LEADER)) == 1, "vacant, term kept"
+    assert _leader(state) is None and term_of(state.header(H.LEADER)) == 101, "vacant, term kept"
     state.set_flags(0, Flag.BOOTED | Flag.COUNTED)
     keep(state)
-    assert _leader(state) == (2, 1000), "each election a new term"
+    assert _leader(state) == (102, 1000), "each election a new term"
 
 
 def test_a_leader_that_registered_again_is_elected_anew() -> None:
     state = _state_with((1, Readiness.TOLD, GenerationState.OPEN, 0))
     keep(state)
-    assert _leader(state) == (1, 1001)
+    assert _leader(state) == (101, 1001)
     state.reclaim(1, state.take_token(), time.monotonic_ns() + 10)  # lost, then back
     keep(state)
-    assert _leader(state) == (2, 1001), "the old token no longer leads: a new term"
+    assert _leader(state) == (102, 1001), "the old token no longer leads: a new term"
 
 
 def test_a_scribbled_or_exhausted_leader_word_is_mended() -> None:
@@ -196,11 +197,24 @@ def test_a_scribbled_or_exhausted_leader_word_is_mended() -> None:
     state.set_header(H.LEADER, leader_word(7, 15))  # a slot that is free
     keep(state)
     assert _leader(state) == (8, 1001)
-    state.set_header(H.LEADER, (1 << 63) - 1)  # a slot past the capacity, the last term
-    keep(state)
-    assert _leader(state) == (1, 1001), "terms wrap to 1"
+    for scribbled in ((1 << 63) - 1, -1):  # the last term and a slot past the capacity; words
+        state.set_header(H.LEADER, scribbled)  # are signed: a scribbled one may be negative
+        keep(state)
+        assert _leader(state) == (_clock_term(state), 1001), "from the clock again"
     assert term_of((1 << 63) - 1) == TERMS - 1
-    state.set_header(H.LEADER, -1)  # words are signed: a scribbled one may be negative
-    keep(state)
-    assert _leader(state) == (1, 1001)
     assert index_of(leader_word(3, None)) is None and index_of(leader_word(3, 0)) == 0
+
+
+def _clock_term(state: State) -> int:
+    """The state's term, checked to be the wall clock in milliseconds (a minute's leeway)."""
+    term = term_of(state.header(H.LEADER))
+    assert abs(term - time.time_ns() // 10**6) < 60_000, term
+    return term
+
+
+def test_the_first_term_of_a_new_state_file_is_the_clock_so_terms_never_go_back() -> None:
+    state = _state_with((1, Readiness.TOLD, GenerationState.OPEN, 0))
+    state.set_header(H.LEADER, 0)  # a new file: a reboot emptied the runtime directory
+    keep(state)
+    assert _leader(state) == (_clock_term(state), 1001)
+    assert _clock_term(state) < TERMS, "and it fits the word until the year 2248"

@@ -132,20 +132,27 @@ def test_one_worker_runs_the_scheduler_fenced_by_term(server: Make, tmp_path: Pa
         text = ledger.read_text() if ledger.exists() else ""
         return [(int(row.split()[0]), int(row.split()[-1])) for row in text.splitlines()]
 
-    def writers(term: int) -> set[int]:
-        return {pid for t, pid in rows() if t == term}
+    def terms() -> list[int]:
+        return sorted({t for t, _ in rows()})
 
-    wait_for(lambda: writers(1), "the first leader's ticks")
-    (first,) = writers(1)
+    def writers(nth: int) -> set[int]:
+        """The workers that wrote in the ``nth`` term seen (from 0)."""
+        found = terms()
+        return {pid for t, pid in rows() if t == found[nth]} if len(found) > nth else set()
+
+    wait_for(lambda: writers(0), "the first leader's ticks")
+    (first,) = writers(0)
     os.kill(first, signal.SIGKILL)
-    wait_for(lambda: writers(2), "a new leader's ticks after kill -9", timeout=10)
-    (second,) = writers(2)
+    wait_for(lambda: writers(1), "a new leader's ticks after kill -9", timeout=10)
+    (second,) = writers(1)
     os.kill(second, signal.SIGSTOP)  # frozen past the bound: replaced; its job is fenced off
     try:
-        wait_for(lambda: writers(3), "a third leader's ticks", timeout=15)
+        wait_for(lambda: writers(2), "a third leader's ticks", timeout=15)
     finally:
         os.kill(second, signal.SIGCONT)
-    wait_for(lambda: [t for t, _ in rows()].count(3) >= 3, "the third leader ticking on")
-    assert {pid for _, pid in rows()} == {first, second, *writers(3)}
+    third = terms()[2]
+    wait_for(lambda: [t for t, _ in rows()].count(third) >= 3, "the third leader ticking on")
+    assert terms()[1:] == [terms()[0] + 1, terms()[0] + 2], "a term per election"
+    assert {pid for _, pid in rows()} == {first, second, *writers(2)}
     assert [t for t, _ in rows()] == sorted(t for t, _ in rows()), "a stale term wrote after"
     s.stop()
