@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .errors import LifecycleError
+from .process import start_time
 from .status import read_status
 
 Report = dict[str, Any]
@@ -108,6 +109,8 @@ def ready(instance: Instance, master: int, deadline: float) -> Generation:
     def found(report: Report) -> Generation | None:
         gens = serving(report, master)
         if not gens:
+            if start_time(master) is not None and report["unknown"]:
+                return None  # a record it could not copy whole is unknown, never closed
             raise Failed(f"master {master} exited before its generation was ready")
         last[:] = [max(gens, key=lineage)]
         return last[0] if last[0]["ready"] else None

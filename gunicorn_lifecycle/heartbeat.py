@@ -39,11 +39,12 @@ class Heartbeat:
     def _run(self) -> None:
         # Each beat sleeps a whole interval after the previous one ended: a stamp is never
         # older than interval plus one wake-up's latency, however slow a beat was.
+        sleep, interval, beat = threads.sleep, self._interval, self._beat
         while True:
-            threads.sleep(self._interval)
+            sleep(interval)
             if self._stopped:
                 return
             try:
-                self._beat()
+                beat()
             except Exception:
                 self._log.exception("gunicorn_lifecycle: heartbeat failed")

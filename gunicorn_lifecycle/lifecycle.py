@@ -324,30 +324,41 @@ def sweep(state: State, here: Here, options: Options, server: Any) -> list[Owed]
     workers whose heartbeat overran are lost ("heartbeat"); orphans that died are
     lost ("crash"); events owed for longer than an overrun (their finder died or
     is stuck) are owed again, to whoever delivers first; records nobody needs
-    any more are freed.
+    any more are freed. A registered worker of a serving generation whose stamp
+    is fresh, the common case, is judged from three columns, not read whole.
     """
     owed: list[Owed] = []
     for gen in state.generations():
         if gen.serving and not here.master_alive(gen):
             owed += close_dead(state, gen, here, options, server)
     generations = {g.number: g for g in state.generations()}
-    stamps = state.slot_column(S.HEARTBEAT)
-    for slot in state.slots_in(SlotState.REGISTERED, SlotState.LOST):
-        of = generations.get(slot.generation)
-        if of is None:
+    newest = max((g for g in generations.values() if g.serving), key=lambda g: g.lineage,
+                 default=None)
+    newest_workers = 0  # registered workers of the newest generation, fresh after the sweep
+    now = time.monotonic_ns()
+    for index, (kind, number, stamp) in enumerate(zip(
+            state.slot_column(S.STATE), state.slot_column(S.GENERATION),
+            state.slot_column(S.HEARTBEAT), strict=True)):
+        of = generations.get(number)
+        if kind == SlotState.FREE or of is None:
             continue
+        if kind == SlotState.REGISTERED and of.serving and now - stamp <= of.overrun:
+            newest_workers += of is newest
+            continue
+        slot = state.slot(index)
         if slot.state == SlotState.REGISTERED:
-            if _overran(state, slot.index, stamps[slot.index], of.overrun):
+            if _overran(state, index, stamp, of.overrun):
                 owed += lose(state, slot, Reason.HEARTBEAT, False, options, server)
             elif of.state == GenerationState.CLOSED and here.alive(
                     slot.pid, slot.started, of.pidns) is False:
                 owed += lose(state, slot, Reason.CRASH, True, options, server)
+            else:
+                newest_workers += of is newest
         elif slot.counted:
             if time.monotonic_ns() - slot.heartbeat > of.overrun:  # lost that long ago
-                owed.append(WorkerLost(slot.index, slot.pid, slot.started, False, options,
-                                       server))
+                owed.append(WorkerLost(index, slot.pid, slot.started, False, options, server))
         elif lost_for_good(slot, of, here):
-            state.release(slot.index)
+            state.release(index)
     for gen in state.generations():
         if gen.ready == Readiness.READY and time.monotonic_ns() - gen.ready_at > gen.overrun:
             owed.append(MasterReady(gen.number, options, server))  # its finder never told
@@ -357,21 +368,9 @@ def sweep(state: State, here: Here, options: Options, server: Any) -> list[Owed]
             retire_if_unused(state, gen.number)
         elif time.monotonic_ns() - gen.closed_at > gen.overrun:
             owed += owed_by(state, gen, options, server)
-    _healthy(state, here)
+    if newest is not None and newest_workers and here.master_alive(newest):
+        state.mark(Moment.ALIVE, newest)  # systemd's watchdog: every worker of it beats
     return owed
-
-
-def _healthy(state: State, here: Here) -> None:
-    """Mark the newest generation alive (systemd's watchdog) if its master lives and every
-    registered worker of it has beaten within its overrun."""
-    newest = state.newest_serving()
-    if newest is None:
-        return
-    workers = [s for s in state.slots_in(SlotState.REGISTERED) if s.generation == newest.number]
-    now = time.monotonic_ns()
-    if workers and here.master_alive(newest) and all(
-            now - s.heartbeat <= newest.overrun for s in workers):
-        state.mark(Moment.ALIVE, newest)
 
 
 def _overran(state: State, index: int, stamp: int, overrun: int) -> bool:

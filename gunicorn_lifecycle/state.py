@@ -104,6 +104,7 @@ class State:
         self.slots = words.slots
         self.notes: list[tuple[str, tuple[object, ...]]] = []
         self.moments: list[tuple[Moment, Generation]] = []
+        self.counts_changed = False  # an event was taken in this section (systemd's STATUS)
 
     def note(self, message: str, *args: object) -> None:
         """A warning to log once the lock is released: a slow log never holds the lock."""

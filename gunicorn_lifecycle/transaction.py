@@ -110,9 +110,11 @@ class Transactions:
                 keep(self.state)
                 if self.systemd is not None:
                     said = self.systemd.message(self.state, self.state.moments,
-                                                changed=what in CALLBACKS)
+                                                changed=what in CALLBACKS
+                                                or self.state.counts_changed)
         finally:
             notes, self.state.notes, self.state.moments = self.state.notes, [], []
+            self.state.counts_changed = False
             try:
                 for message, args in notes:
                     self.log.warning(message, *args)
@@ -143,8 +145,25 @@ class Transactions:
     def _bookkeep(self) -> None:
         while self._work:
             what, work, timeout = self._work.popleft()
-            with self.bookkeeping(what, timeout) as state:
-                self._owed.extend(work(state))
+            if self._owed:  # events owed before: these come after them
+                with self.bookkeeping(what, timeout) as state:
+                    self._owed.extend(work(state))
+            else:
+                self._owed.extend(self.section(what, work, timeout))
+
+    def section(self, what: str, work: Work, timeout: float) -> list[Owed]:
+        """Do ``work`` under the lock; the events it owes, to deliver in order.
+
+        Those that nobody is told of (no callback), up to the first that
+        somebody is, take their effect at once, in the same section: a hook
+        without callbacks holds the lock once, not once more per event.
+        """
+        with self.bookkeeping(what, timeout) as state:
+            owed = list(work(state))
+            while owed and not owed[0].options.callbacks(owed[0].callback):
+                owed.pop(0).take(state, tell=False)
+                state.counts_changed = True
+        return owed
 
     def deliver_all(self, owed: Iterable[Owed]) -> None:
         for one in owed:
@@ -300,7 +319,7 @@ class Courier:
                 self._delivering.acquire()
             try:
                 job()
-            except LockTimeout as exc:
+            except (LockTimeout, LifecycleError) as exc:  # said in full: no traceback to add
                 self._log.error("gunicorn_lifecycle: %s", exc)
             except Exception:
                 self._log.exception("gunicorn_lifecycle: delivering %s failed", what)

@@ -31,6 +31,10 @@ from .process import own_start_time
 from .state import Slot, State
 from .transaction import Courier, Transactions
 
+# The beat's names, bound once: it runs every interval in every worker.
+_LEADER, _NEXT_SWEEP, _SEEK_END = int(H.LEADER), int(H.NEXT_SWEEP), os.SEEK_END
+_clock, _lseek = time.monotonic_ns, os.lseek
+
 
 class Worker:
     """One Gunicorn worker, registered in one slot of its master's generation."""
@@ -66,9 +70,8 @@ class Worker:
 
     def start(self) -> None:
         """post_fork: register, start beating, then deliver ``worker_start``."""
-        with self.tx.bookkeeping("register", self.options.lock_timeout) as state:
-            owed = self._register(state)
-        if owed:
+        owed = self.tx.section("register", self._register, self.options.lock_timeout)
+        if self.index is not None:
             self.heartbeat.start()  # before a callback that may wait its turn
             self.tx.deliver_all(owed)
 
@@ -79,16 +82,7 @@ class Worker:
         the generation ready, and runs ``master_ready`` here. A worker taken for
         lost meanwhile is marked too: it counts as booted when it comes back.
         """
-        owed: list[Owed] = []
-        with self.tx.bookkeeping("booted", self.options.lock_timeout) as state:
-            if self.index is not None:
-                slot = state.slot(self.index)
-                if self._is_mine(slot) and slot.state != SlotState.FREE:
-                    state.set_flags(self.index, slot.flags | Flag.BOOTED)
-                    owed = ready_if_complete(state, self.generation, self.options, self.server,
-                                             self.worker)
-                    owed += self.leadership.owed(state, self.index, self.token)  # elected?
-        self.tx.deliver_all(owed)
+        self.tx.deliver_all(self.tx.section("booted", self._boot, self.options.lock_timeout))
 
     def exit(self) -> None:
         """worker_exit: deliver ``worker_exit`` (counting itself), then free the slot.
@@ -103,13 +97,10 @@ class Worker:
             if self.index is None:
                 return  # never tracked: no slot was free, or the lock could not be had
             failed = _attempt(self.leadership.stop, self.index, self.token)
-            with self.tx.bookkeeping("exit", self.options.lock_timeout) as state:
-                owed = self._leave(state)
+            owed = self.tx.section("exit", self._leave, self.options.lock_timeout)
             exit_failed = _attempt(self.tx.deliver_all, owed)  # delivered, whatever came before
             failed = failed or exit_failed
-            with self.tx.bookkeeping("exit", self.options.lock_timeout) as state:
-                owed = self._release(state)
-            self.tx.deliver_all(owed)
+            self.tx.deliver_all(self.tx.section("exit", self._release, self.options.lock_timeout))
             if failed is not None:
                 raise failed  # on_error="raise", once the exit is complete
         finally:
@@ -126,11 +117,25 @@ class Worker:
         that itself came more than an overrun late (the machine or this process
         was frozen) judges nobody: the others may have been frozen as well.
         """
-        if os.lseek(self._fd, 0, os.SEEK_END) != self._size:  # truncated: SIGBUS ahead
+        if _lseek(self._fd, 0, _SEEK_END) != self._size:  # truncated: SIGBUS ahead
             self._stop(StateDamaged(f"state file {self.tx.file.path} changed size"))
             return
+        view, now = self._view, _clock()
         try:
-            self._beat()
+            if view[_LEADER] != self.leadership.seen:
+                self._lead_later()
+            if view[self._owner_at] != self.token:
+                self._come_back()
+                return
+            view[self._heartbeat_at] = now
+            if not self._withdrawn and not self._serving():  # Gunicorn stops it: never leads
+                self._withdrawn = self._lead_later()
+            late = now - self._last > self._late
+            self._last = now
+            if now >= view[_NEXT_SWEEP] and not late:
+                self._sweep()
+                if view[_LEADER] != self.leadership.seen:  # the sweep elected it, maybe
+                    self._lead_later()
         except LifecycleError as exc:  # the file was overwritten: nothing here can be trusted
             self._stop(exc)
 
@@ -139,26 +144,11 @@ class Worker:
         self.log.error("gunicorn_lifecycle: %s; the heartbeat of worker %s stops, the lifecycle "
                        "is off in it", why, self.pid)
 
-    def _beat(self) -> None:
-        view = self._view
-        now = time.monotonic_ns()
-        if view[H.LEADER] != self.leadership.seen:
-            self._lead_later()
-        if view[self._owner_at] != self.token:
-            self._come_back()
-            return
-        view[self._heartbeat_at] = now
-        if not self._withdrawn and not self._serving():  # Gunicorn stops it: it never leads
-            self._withdrawn = self._lead_later()
-        late = now - self._last > self._late
-        self._last = now
-        if now >= view[H.NEXT_SWEEP] and not late:
-            self._sweep()
-            if view[H.LEADER] != self.leadership.seen:  # the sweep elected this worker, maybe
-                self._lead_later()
-
     def _lead(self) -> None:
-        self.leadership.follow(self.index, self.token)
+        try:
+            self.leadership.follow(self.index, self.token)
+        except LifecycleError as exc:  # as in a beat: the file was overwritten
+            self._stop(exc)
 
     def _lead_later(self) -> bool:
         """Follow the leadership from the courier (a callback never holds up a beat); False if
@@ -168,6 +158,16 @@ class Worker:
         self.leadership.asked = True
         self.courier.run([("leadership", self._lead)])
         return True
+
+    def _boot(self, state: State) -> list[Owed]:
+        if self.index is None:
+            return []
+        slot = state.slot(self.index)
+        if not self._is_mine(slot) or slot.state == SlotState.FREE:
+            return []
+        state.set_flags(self.index, slot.flags | Flag.BOOTED)
+        owed = ready_if_complete(state, self.generation, self.options, self.server, self.worker)
+        return [*owed, *self.leadership.owed(state, self.index, self.token)]  # elected?
 
     def _register(self, state: State) -> list[Owed]:
         gen = state.generation(self.generation)
