@@ -7,7 +7,7 @@ flock belongs to an open file description, which a fork shares with the child,
 so each process locks through a description of its own (a worker reopens the
 master's descriptor in ``post_fork``, see :mod:`statefile`: the same file,
 never another one at the same path). filelock's descriptor lock takes the
-flock; a wait polls with a backoff from 0.1 ms to 5 ms. The threads of one
+flock; a wait polls with a backoff from 0.1 ms to 1 ms. The threads of one
 process exclude each other with a real reentrant lock, which also lets a thread
 that an exception (a worker's quick exit, raised by a signal handler) left
 holding it take it again on its way out, instead of waiting for itself.
@@ -30,7 +30,7 @@ import filelock
 from . import threads
 
 _FIRST_POLL = 0.0001
-_LAST_POLL = 0.005
+_LAST_POLL = 0.001  # a waiter for a lock held microseconds learns of its release soon
 
 
 class LockTimeout(Exception):
