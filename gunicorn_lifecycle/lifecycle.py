@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from itertools import compress
 from typing import Any, Protocol
 
 from .events import Event
@@ -335,12 +336,12 @@ def sweep(state: State, here: Here, options: Options, server: Any) -> list[Owed]
     newest = max((g for g in generations.values() if g.serving), key=lambda g: g.lineage,
                  default=None)
     newest_workers = 0  # registered workers of the newest generation, fresh after the sweep
+    kinds, numbers, stamps = (state.slot_column(S.STATE), state.slot_column(S.GENERATION),
+                              state.slot_column(S.HEARTBEAT))
     now = time.monotonic_ns()
-    for index, (kind, number, stamp) in enumerate(zip(
-            state.slot_column(S.STATE), state.slot_column(S.GENERATION),
-            state.slot_column(S.HEARTBEAT), strict=True)):
-        of = generations.get(number)
-        if kind == SlotState.FREE or of is None:
+    for index in compress(range(len(kinds)), kinds):  # the slots in use, found in C
+        kind, of, stamp = kinds[index], generations.get(numbers[index]), stamps[index]
+        if of is None:
             continue
         if kind == SlotState.REGISTERED and of.serving and now - stamp <= of.overrun:
             newest_workers += of is newest
