@@ -329,10 +329,11 @@ def sweep(state: State, here: Here, options: Options, server: Any) -> list[Owed]
     is fresh, the common case, is judged from three columns, not read whole.
     """
     owed: list[Owed] = []
-    for gen in state.generations():
-        if gen.serving and not here.master_alive(gen):
-            owed += close_dead(state, gen, here, options, server)
-    generations = {g.number: g for g in state.generations()}
+    records = state.generations()  # read once (again only after a close): records cost
+    dead = [g for g in records if g.serving and not here.master_alive(g)]
+    for gen in dead:
+        owed += close_dead(state, gen, here, options, server)
+    generations = {g.number: g for g in (state.generations() if dead else records)}
     newest = max((g for g in generations.values() if g.serving), key=lambda g: g.lineage,
                  default=None)
     newest_workers = 0  # registered workers of the newest generation, fresh after the sweep
@@ -360,7 +361,7 @@ def sweep(state: State, here: Here, options: Options, server: Any) -> list[Owed]
                 owed.append(WorkerLost(index, slot.pid, slot.started, False, options, server))
         elif lost_for_good(slot, of, here):
             state.release(index)
-    for gen in state.generations():
+    for gen in generations.values():  # as read before the losses, which change only GONE
         if gen.ready == Readiness.READY and time.monotonic_ns() - gen.ready_at > gen.overrun:
             owed.append(MasterReady(gen.number, options, server))  # its finder never told
         if gen.state != GenerationState.CLOSED:
@@ -369,7 +370,7 @@ def sweep(state: State, here: Here, options: Options, server: Any) -> list[Owed]
             retire_if_unused(state, gen.number)
         elif time.monotonic_ns() - gen.closed_at > gen.overrun:
             owed += owed_by(state, gen, options, server)
-    if newest is not None and newest_workers and here.master_alive(newest):
+    if newest is not None and newest_workers and newest not in dead:  # its master lives
         state.mark(Moment.ALIVE, newest)  # systemd's watchdog: every worker of it beats
     return owed
 

@@ -12,8 +12,9 @@ before, or already what it was going to mean (see :mod:`protocol`).
 
 from __future__ import annotations
 
+import enum
 from collections import Counter
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, TypeVar, cast
 
 from .errors import LifecycleError
 from .layout import (
@@ -38,6 +39,8 @@ from .protocol import Words
 
 if TYPE_CHECKING:
     from .systemd import Moment
+
+E = TypeVar("E", bound=enum.Enum)
 
 
 class Generation(NamedTuple):
@@ -235,12 +238,12 @@ def decode_generation(index: int, words: list[int], path: str) -> Generation:
     """A generation record from its words; LifecycleError naming the file if they are not one."""
     try:
         record = Generation(
-            index, words[G.NUMBER], GenerationState(words[G.STATE]), Reason(words[G.OPENED]),
-            Reason(words[G.CLOSED]), _bit(words[G.ANNOUNCED]), words[G.MASTER_PID],
-            words[G.MASTER_STARTED], words[G.PIDNS], words[G.PARENT_PID],
-            words[G.PARENT_STARTED], words[G.DEPTH], words[G.GONE], words[G.OPENED_AT],
-            words[G.OVERRUN], words[G.CLOSED_AT], words[G.TARGET], Readiness(words[G.READY]),
-            words[G.READY_AT])
+            index, words[G.NUMBER], _member(GenerationState, words[G.STATE]),
+            _member(Reason, words[G.OPENED]), _member(Reason, words[G.CLOSED]),
+            _bit(words[G.ANNOUNCED]), words[G.MASTER_PID], words[G.MASTER_STARTED],
+            words[G.PIDNS], words[G.PARENT_PID], words[G.PARENT_STARTED], words[G.DEPTH],
+            words[G.GONE], words[G.OPENED_AT], words[G.OVERRUN], words[G.CLOSED_AT],
+            words[G.TARGET], _member(Readiness, words[G.READY]), words[G.READY_AT])
     except ValueError:
         raise _corrupt(path, f"generation record {index}") from None
     if record.state != GenerationState.FREE and (
@@ -254,9 +257,10 @@ def decode_generation(index: int, words: list[int], path: str) -> Generation:
 def decode_slot(index: int, words: list[int], path: str) -> Slot:
     """A slot from its words; LifecycleError naming the file if they are not one."""
     try:
-        record = Slot(index, words[S.OWNER], SlotState(words[S.STATE]), words[S.GENERATION],
-                      words[S.PID], words[S.STARTED], words[S.HEARTBEAT], words[S.FLAGS])
-        Reason(record.flags >> REASON_SHIFT)
+        record = Slot(index, words[S.OWNER], _member(SlotState, words[S.STATE]),
+                      words[S.GENERATION], words[S.PID], words[S.STARTED], words[S.HEARTBEAT],
+                      words[S.FLAGS])
+        _member(Reason, record.flags >> REASON_SHIFT)
     except ValueError:
         raise _corrupt(path, f"worker slot {index}") from None
     # A registration cut short may leave a FREE slot with an owner, a loss cut short a
@@ -266,6 +270,15 @@ def decode_slot(index: int, words: list[int], path: str) -> Slot:
     ) or (record.state == SlotState.LOST and record.owner != 0):
         raise _corrupt(path, f"worker slot {index}")
     return record
+
+
+def _member(kind: type[E], value: int) -> E:
+    """``kind(value)``, by one lookup (a call of an enum class is slow, and sweeps decode
+    records); ValueError for a value that is not one."""
+    try:
+        return cast(E, kind._value2member_map_[value])
+    except (KeyError, TypeError):
+        raise ValueError(value) from None
 
 
 def _bit(value: int) -> bool:
