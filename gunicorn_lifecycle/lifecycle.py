@@ -339,23 +339,26 @@ def sweep(state: State, here: Here, options: Options, server: Any) -> list[Owed]
     newest_workers = 0  # registered workers of the newest generation, fresh after the sweep
     kinds, numbers, stamps = (state.slot_column(S.STATE), state.slot_column(S.GENERATION),
                               state.slot_column(S.HEARTBEAT))
-    now = time.monotonic_ns()
+    overruns = {g.number: g.overrun for g in generations.values() if g.serving}
+    newest_number = newest.number if newest is not None else 0
+    registered, now = SlotState.REGISTERED, time.monotonic_ns()
     for index in compress(range(len(kinds)), kinds):  # the slots in use, found in C
-        kind, of, stamp = kinds[index], generations.get(numbers[index]), stamps[index]
-        if of is None:
+        kind, number, overrun = kinds[index], numbers[index], overruns.get(numbers[index])
+        if kind == registered and overrun is not None and now - stamps[index] <= overrun:
+            newest_workers += number == newest_number
             continue
-        if kind == SlotState.REGISTERED and of.serving and now - stamp <= of.overrun:
-            newest_workers += of is newest
+        of = generations.get(number)
+        if of is None:
             continue
         slot = state.slot(index)
         if slot.state == SlotState.REGISTERED:
-            if _overran(state, index, stamp, of.overrun):
+            if _overran(state, index, stamps[index], of.overrun):
                 owed += lose(state, slot, Reason.HEARTBEAT, False, options, server)
             elif of.state == GenerationState.CLOSED and here.alive(
                     slot.pid, slot.started, of.pidns) is False:
                 owed += lose(state, slot, Reason.CRASH, True, options, server)
             else:
-                newest_workers += of is newest
+                newest_workers += number == newest_number
         elif slot.counted:
             if time.monotonic_ns() - slot.heartbeat > of.overrun:  # lost that long ago
                 owed.append(WorkerLost(index, slot.pid, slot.started, False, options, server))
