@@ -30,28 +30,33 @@ from .layout import (
     GenerationState,
     H,
     Readiness,
+    S,
     SlotState,
     index_of,
     leader_word,
+    slot_at,
     term_of,
 )
 from .lifecycle import event_of
 from .options import Options
-from .state import Slot, State
+from .state import State
 
 if TYPE_CHECKING:
     from .transaction import Transactions
 
-def leader_slot(state: State) -> Slot | None:
-    """The leader's slot, if the LEADER word names one that can lead."""
+
+def leader_index(state: State) -> int | None:
+    """The slot the LEADER word names, if its worker can lead: registered, booted, with the
+    token it was elected with (four loads; no record is read whole: this runs in every
+    section)."""
     index = index_of(state.header(H.LEADER))
     if index is None or index >= state.slots:
         return None
-    slot = state.slot(index)
-    if (slot.state != SlotState.REGISTERED or not slot.booted
-            or slot.owner != state.header(H.LEADER_TOKEN)):
+    at, words = slot_at(index), state.words
+    if (words[at + S.STATE] != SlotState.REGISTERED or not words[at + S.FLAGS] & Flag.BOOTED
+            or words[at + S.OWNER] != state.header(H.LEADER_TOKEN)):
         return None
-    return slot
+    return index
 
 
 def keep(state: State) -> None:
@@ -63,7 +68,7 @@ def keep(state: State) -> None:
     sweeper that found the leader lost, if it is a candidate).
     """
     word = state.header(H.LEADER)
-    if leader_slot(state) is not None:
+    if leader_index(state) is not None:
         return
     generations = {g.number: g for g in state.generations() if g.state == GenerationState.OPEN}
     now = time.monotonic_ns()
@@ -154,8 +159,8 @@ class Leadership:
 
     def named(self, state: State, index: int | None, token: int) -> bool:
         """Whether the LEADER word names this worker, in slot ``index`` with ``token``."""
-        slot = leader_slot(state)
-        return slot is not None and slot.index == index and slot.owner == token
+        return (index is not None and leader_index(state) == index
+                and state.words[slot_at(index) + S.OWNER] == token)
 
     def event(self, state: State, reason: str, owed: LeaderStarted | LeaderStopped, tell: bool,
               term: int) -> Event | None:

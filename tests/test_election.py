@@ -35,7 +35,7 @@ from gunicorn_lifecycle.layout import (
     slot_at,
     term_of,
 )
-from gunicorn_lifecycle.leader import keep, leader_slot
+from gunicorn_lifecycle.leader import keep, leader_index
 from gunicorn_lifecycle.liveness import show_presence
 from gunicorn_lifecycle.options import Options
 from gunicorn_lifecycle.process import boot_id
@@ -146,8 +146,8 @@ def _state_with(*generations: tuple[int, Readiness, GenerationState, int]) -> St
 
 def _leader(state: State) -> tuple[int, int] | None:
     """(term, pid) of the leader the state names."""
-    slot = leader_slot(state)
-    return None if slot is None else (term_of(state.header(H.LEADER)), slot.pid)
+    index = leader_index(state)
+    return None if index is None else (term_of(state.header(H.LEADER)), state.slot(index).pid)
 
 
 def test_the_newest_ready_open_generation_leads_and_keeps_it() -> None:
