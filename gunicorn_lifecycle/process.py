@@ -29,6 +29,16 @@ def start_time(pid: int) -> int | None:
     return int(fields[19])
 
 
+def is_stopped(pid: int) -> bool:
+    """Whether ``pid`` is stopped (SIGSTOP, a tracer), not merely slow: its state is T or t."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as file:
+            stat = file.read()
+    except OSError:
+        return False
+    return stat[stat.rfind(b")") + 2 :][:1] in (b"T", b"t")
+
+
 def is_alive(pid: int, started: int) -> bool:
     """True when ``pid`` runs and is the same process that was recorded with ``started``."""
     return started != 0 and start_time(pid) == started

@@ -21,6 +21,7 @@ import mmap
 import os
 import stat
 import sys
+import threading
 from collections.abc import Iterable
 
 from . import layout
@@ -139,27 +140,34 @@ def _map(path: str, fd: int, size: int, writable: bool) -> tuple[mmap.mmap, int]
     prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
     if sys.version_info >= (3, 13):
         return mmap.mmap(fd, size, mmap.MAP_SHARED, prot, trackfd=False), _reopen(fd)
-    target = os.fstat(fd)
-    before = _descriptors_of(target)
+    # The duplicate shares fd's open file description, so its file offset: an offset that
+    # no other description of this file has (a thread's, past any file's end) marks it,
+    # whatever other threads open or close meanwhile.
+    mark = _MARK | threading.get_ident() & 0xFFFFFFFF
+    os.lseek(fd, mark, os.SEEK_SET)
     mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, prot)
-    # The duplicate is the one that was not there before: another of this file (a second
-    # StateFile of this process) keeps its own description.
-    for kept in _descriptors_of(target) - before:
-        own = _reopen(fd)
-        os.dup2(own, kept, inheritable=False)
-        os.close(own)
-        return mapping, kept
+    for kept in _descriptors_of(os.fstat(fd)):
+        with contextlib.suppress(OSError):
+            if kept != fd and os.lseek(kept, 0, os.SEEK_CUR) == mark:
+                own = _reopen(fd)
+                os.dup2(own, kept, inheritable=False)
+                os.close(own)
+                return mapping, kept
+    mapping.close()
     raise LifecycleError(f"state file {path}: the descriptor of its mapping was not found")
 
 
-def _descriptors_of(target: os.stat_result) -> set[int]:
+_MARK = 1 << 42  # within any file system's largest offset (ext4: 2**44)
+
+
+def _descriptors_of(target: os.stat_result) -> list[int]:
     """This process's descriptors open on the file ``target`` describes."""
-    found = set()
+    found = []
     for name in os.listdir("/proc/self/fd"):
         with contextlib.suppress(OSError):
             info = os.fstat(int(name))
             if (info.st_dev, info.st_ino) == (target.st_dev, target.st_ino):
-                found.add(int(name))
+                found.append(int(name))
     return found
 
 

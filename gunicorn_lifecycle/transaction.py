@@ -10,8 +10,10 @@ the turn alone. An event without a callback takes no turn.
 The turn is a word in the state (who holds it: pid and start time), taken under
 the lock, and released with one store by its holder. A holder that died is
 passed over: its pid is no longer alive with that start time. So is a worker
-that a sweep found stopped (its heartbeat overran), as its leadership is: if it
-runs again, its callback finishes while others may run.
+that is stopped (SIGSTOP, a debugger) and that a sweep found lost, as its
+leadership is: if it runs again, its callback finishes while others may run. A
+worker that is only slow (the GIL held for seconds) keeps the turn. The holder
+releases the turn under the lock, comparing first.
 
 No signal is ever masked. A hook that a signal handler calls inside another
 (Gunicorn 21 to 23 reap workers, and call ``child_exit``, from their SIGCHLD
@@ -38,7 +40,7 @@ from .leader import keep
 from .lifecycle import Owed
 from .lock import LockTimeout, StateLock
 from .options import CALLBACKS
-from .process import is_alive, own_start_time
+from .process import is_alive, is_stopped, own_start_time
 from .state import State
 from .statefile import StateFile
 from .systemd import Systemd
@@ -145,7 +147,7 @@ class Transactions:
     def _bookkeep(self) -> None:
         while self._work:
             what, work, timeout = self._work.popleft()
-            if self._owed:  # events owed before: these come after them
+            if self._owed or self._delivering:  # events owed before: these come after them
                 with self.bookkeeping(what, timeout) as state:
                     self._owed.extend(work(state))
             else:
@@ -232,14 +234,21 @@ class Transactions:
             try:
                 yield
             finally:
-                # One store, without the lock: only the holder writes a held turn. The file
-                # is checked first, as before any touch of the mapping.
-                self.file.verify()
-                if (self.state.header(H.TURN_PID), self.state.header(H.TURN_STARTED)) == (
-                        self.pid, self.started):
-                    self.state.set_header(H.TURN_PID, 0)
+                # Compared and cleared under the lock: a holder passed over while it was
+                # stopped must not clear the turn of the one that took it meanwhile. A lock
+                # held past its timeout gets the one store without it.
+                try:
+                    with self.bookkeeping("turn", max(timeout, 1.0)) as state:
+                        self._release_turn(state)
+                except LockTimeout:
+                    self.file.verify()
+                    self._release_turn(self.state)
         finally:
             self._turn_threads.release()
+
+    def _release_turn(self, state: State) -> None:
+        if (state.header(H.TURN_PID), state.header(H.TURN_STARTED)) == (self.pid, self.started):
+            state.set_header(H.TURN_PID, 0)
 
     def _take_turn(self, what: str, timeout: float) -> str:
         """Take the turn if it is free, or its holder died, or it is a worker that a sweep
@@ -250,11 +259,11 @@ class Transactions:
             code = state.header(H.TURN_WHAT)
             holder = f"pid {pid} ({WHAT[code] if 0 <= code < len(WHAT) else '?'})"
             if pid and pid != self.pid and is_alive(pid, started):
-                if not any((s.pid, s.started) == (pid, started)
-                           for s in state.slots_in(SlotState.LOST)):
-                    return holder
-                state.note("gunicorn_lifecycle: %s holds the turn but was found stopped (its "
-                           "heartbeat overran); the others' callbacks go on without it", holder)
+                if not (is_stopped(pid) and any((s.pid, s.started) == (pid, started)
+                                                for s in state.slots_in(SlotState.LOST))):
+                    return holder  # a slow holder (the GIL held for seconds) keeps the turn
+                state.note("gunicorn_lifecycle: %s holds the turn but is stopped, found lost "
+                           "by its heartbeat; the others' callbacks go on without it", holder)
             state.set_header(H.TURN_STARTED, self.started)
             state.set_header(H.TURN_WHAT, WHAT.index(what))
             state.set_header(H.TURN_PID, self.pid)

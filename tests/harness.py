@@ -40,6 +40,7 @@ import gunicorn_lifecycle
 RECORD = {record!r}
 RAISE = {raising!r}
 BLOCK = {block!r}
+HOLD = {hold!r}
 PROBE = {probe!r}
 
 def _blocked(path):
@@ -66,6 +67,16 @@ def _record(name):
             try:
                 os.close(os.open(RECORD + "." + name, os.O_CREAT | os.O_EXCL))
                 time.sleep(BLOCK[name])
+            except FileExistsError:
+                pass
+        if name in HOLD:  # hold the GIL once, in C (no switch point), as a C extension does;
+            try:  # when it let go is written to RECORD.held.<name>
+                fd = os.open(RECORD + ".held." + name, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                began = time.perf_counter()
+                sum(range(10**6))
+                sum(range(int(HOLD[name] * 10**6 / (time.perf_counter() - began))))
+                os.write(fd, repr(time.monotonic()).encode())
+                os.close(fd)
             except FileExistsError:
                 pass
         if name in RAISE:
@@ -131,12 +142,13 @@ class Server:
                  raising: tuple[str, ...] = (), block: dict[str, float] | None = None,
                  hooks: tuple[str, ...] = HOOKS, record: bool = True, gunicorn: str | None = None,
                  first: str = "", probe: bool = False, leader: bool = False,
-                 **options: Any) -> None:
+                 hold: dict[str, float] | None = None, **options: Any) -> None:
         """``record``: configure() with a recording callback for every event (else the
         ``settings`` call configure() themselves, as README's recipes do). ``gunicorn``: a
         Gunicorn version to run instead of the installed one. ``first``: the config's first
         lines. ``probe``: each callback also records the signals blocked in its thread and
-        in a process it starts. ``leader``: record leader_start and leader_stop too."""
+        in a process it starts. ``leader``: record leader_start and leader_stop too.
+        ``hold``: the first call of each named callback holds the GIL that many seconds."""
         self.env = {"PYTHONPATH": os.pathsep.join(
             [str(gunicorn_release(gunicorn)), *filter(None, [os.environ.get("PYTHONPATH")])])
         } if gunicorn else {}
@@ -151,7 +163,7 @@ class Server:
         self.conf = directory / "gunicorn.conf.py"
         self.conf.write_text(CONF.format(
             first=first, probe=probe, record=str(self.record), raising=raising,
-            block=block or {},
+            block=block or {}, hold=hold or {},
             configure=(f"gunicorn_lifecycle.configure(**{{**{{name: _record(name) for name in "
                        f"{CALLBACKS + LEADER * leader!r}}}, **{options!r}}})" if record
                        else ""),

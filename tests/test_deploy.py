@@ -100,6 +100,7 @@ def test_upgrade_to_code_that_fails_to_import_rolls_back(server: Make, tmp_path:
     gate = Gate(tmp_path)
     s = gate.start(gate.server(server, workers=2, interval=0.2, failed=0.5), wait_workers=2)
     gate.let(2)
+    s.wait_booted(workers=2)  # the old workers imported the good code before it breaks
     gate.broken.touch()  # the new code fails to import
     load = Load(s, clients=4)
     try:

@@ -10,6 +10,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Collection
+from pathlib import Path
 from typing import Any
 
 from gunicorn_lifecycle.status import read_status
@@ -215,7 +216,7 @@ def test_a_leader_stopped_inside_its_leader_start_is_passed_over(server: Make) -
         second = started(s, first["term"])
         took = second["t"] - stopped
         assert took <= interval + failed + 2 * interval + SLACK, f"replaced after {took:.2f}s"
-        assert "holds the turn but was found stopped" in s.log_text()
+        assert "holds the turn but is stopped" in s.log_text()
     finally:
         os.kill(first["pid"], signal.SIGCONT)
     (stop,) = s.wait_count("leader_stop", 1)
@@ -265,3 +266,23 @@ def test_a_worker_gunicorn_stops_is_never_elected(server: Make) -> None:
         thread.join()
     s.stop()
     check_leaders(s.events(), vanished={first["pid"]})
+
+
+def test_a_slow_holder_of_the_turn_keeps_it(server: Make) -> None:
+    """A callback that holds the GIL past interval + failed (a C extension's long call) makes
+    its worker late, even lost, but not stopped: nobody else's callback runs meanwhile."""
+    s = server(workers=3, leader=True, interval=0.2, failed=0.3, settings=NO_TIMEOUT,
+               hold={"worker_start": 1.5})
+    s.start()
+    holder = s.wait_count("worker_start", 1)[0]
+    s.wait_count("worker_start", 3, timeout=30)
+    s.wait_settled()
+    held = float(wait_for(lambda: Path(f"{s.record}.held.worker_start").read_text(),
+                          "the GIL held and let go"))
+    assert held - holder["t"] > 0.5 + 0.3, "it held the GIL past interval + failed"
+    later = s.events()[s.events().index(holder) + 1:]
+    assert later and all(e["t"] >= held for e in later), "no callback ran meanwhile"
+    assert "holds the turn but is stopped" not in s.log_text()
+    s.stop()
+    check_leaders(s.events())
+    check_record(s.events())
