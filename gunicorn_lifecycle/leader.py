@@ -20,6 +20,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import compress
 from typing import TYPE_CHECKING, Any
 
 from . import threads
@@ -39,7 +40,7 @@ from .layout import (
 )
 from .lifecycle import event_of
 from .options import Options
-from .state import State
+from .state import Generation, State
 
 if TYPE_CHECKING:
     from .transaction import Transactions
@@ -71,22 +72,34 @@ def keep(state: State) -> None:
     if leader_index(state) is not None:
         return
     generations = {g.number: g for g in state.generations() if g.state == GenerationState.OPEN}
-    now = time.monotonic_ns()
-    candidates = [s for s in state.slots_in(SlotState.REGISTERED)
-                  if s.booted and s.generation in generations
-                  and now - s.heartbeat <= generations[s.generation].overrun]
-    if not candidates:
+    best = _best(state, generations) if generations else None
+    if best is None:
         if index_of(word) is not None:
             state.set_header(H.LEADER, leader_word(term_of(word), None))
         return
-    best = max(candidates, key=lambda s: (generations[s.generation].ready != Readiness.NOT_YET,
-                                          generations[s.generation].lineage, s.heartbeat))
     previous = term_of(word)
     # A new state file (a reboot empties the runtime directory) starts from the wall clock in
     # milliseconds, not from 1: the terms an external system has seen keep growing.
     term = previous + 1 if 0 < previous < TERMS - 1 else max(1, time.time_ns() // 10**6 % TERMS)
-    state.set_header(H.LEADER_TOKEN, best.owner)  # before the word that names it: see module
-    state.set_header(H.LEADER, leader_word(term, best.index))
+    state.set_header(H.LEADER_TOKEN, state.words[slot_at(best) + S.OWNER])  # before the word
+    state.set_header(H.LEADER, leader_word(term, best))  # that names it: see the module
+
+
+def _best(state: State, generations: dict[int, Generation]) -> int | None:
+    """The slot of the best candidate, judged from columns (no record is read whole: with no
+    leader, every section of a node whose workers are still booting looks)."""
+    kinds, flags = state.slot_column(S.STATE), state.slot_column(S.FLAGS)
+    numbers, stamps = state.slot_column(S.GENERATION), state.slot_column(S.HEARTBEAT)
+    best, best_key, now = None, (False, (0, 0), 0), time.monotonic_ns()
+    for index in compress(range(len(kinds)), kinds):
+        gen = generations.get(numbers[index])
+        if (kinds[index] != SlotState.REGISTERED or not flags[index] & Flag.BOOTED or gen is None
+                or now - stamps[index] > gen.overrun):
+            continue
+        key = (gen.ready != Readiness.NOT_YET, gen.lineage, stamps[index])
+        if best is None or key > best_key:
+            best, best_key = index, key
+    return best
 
 
 def withdraw(state: State, index: int) -> None:
