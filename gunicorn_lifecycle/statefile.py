@@ -15,13 +15,13 @@ even after Gunicorn drops their privileges.
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import errno
 import mmap
 import os
 import stat
 import sys
-import threading
 from collections.abc import Iterable
 
 from . import layout
@@ -143,7 +143,7 @@ def _map(path: str, fd: int, size: int, writable: bool) -> tuple[mmap.mmap, int]
     # The duplicate shares fd's open file description, so its file offset: an offset that
     # no other description of this file has (a thread's, past any file's end) marks it,
     # whatever other threads open or close meanwhile.
-    mark = _MARK | threading.get_ident() & 0xFFFFFFFF
+    mark = _MARK | _thread.get_ident() & 0xFFFFFFFF
     os.lseek(fd, mark, os.SEEK_SET)
     mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, prot)
     for kept in _descriptors_of(os.fstat(fd)):
