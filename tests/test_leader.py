@@ -56,10 +56,36 @@ def started(s: Server, term: int, timeout: float = 15.0) -> dict[str, Any]:
                                 None), f"a leader_start with a term after {term}", timeout)
 
 
-def test_one_leader_after_start_then_kill_9_and_term(server: Make) -> None:
-    s = server(workers=3, leader=True, interval=0.5, failed=0.5).start(wait_workers=3)
+def with_leader(server: Make, workers: int, **options: Any) -> tuple[Server, dict[str, Any]]:
+    """A started, settled instance that records leader events, and its first leader_start."""
+    s = server(workers=workers, leader=True, **options).start(wait_workers=workers)
     s.wait_settled()
     (first,) = s.events("leader_start")
+    return s, first
+
+
+def replaced_while_stopped(s: Server, first: dict[str, Any], interval: float, failed: float
+                           ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """SIGSTOP the leader ``first``: its successor's leader_start within the bound; then
+    SIGCONT: its leader_stop("lost"). Both events."""
+    stopped = time.monotonic()
+    os.kill(first["pid"], signal.SIGSTOP)
+    try:
+        second = started(s, first["term"])
+        took = second["t"] - stopped
+        # Found late once its stamp is interval + failed old, by the next sweep (one interval),
+        # elected there; the new leader learns it at its next beat (one interval at most).
+        assert took <= interval + failed + 2 * interval + SLACK, f"replaced after {took:.2f}s"
+        assert not s.events("leader_stop", in_pid=first["pid"]), "a stopped leader runs nothing"
+    finally:
+        os.kill(first["pid"], signal.SIGCONT)
+    (stop,) = s.wait_count("leader_stop", 1)
+    assert (stop["in_pid"], stop["term"], stop["reason"]) == (first["pid"], first["term"], "lost")
+    return second, stop
+
+
+def test_one_leader_after_start_then_kill_9_and_term(server: Make) -> None:
+    s, first = with_leader(server, 3, interval=0.5, failed=0.5)
     workers = {e["pid"] for e in s.events("worker_start")}
     assert first["in_pid"] in workers and first["in_main"], "in post_worker_init of its worker"
     assert leader(s) == {"pid": first["pid"], "term": first["term"]}
@@ -89,24 +115,9 @@ def test_one_leader_after_start_then_kill_9_and_term(server: Make) -> None:
 
 def test_a_stopped_leader_is_replaced_and_stops_leading_when_continued(server: Make) -> None:
     interval, failed = 0.2, 0.4
-    s = server(workers=3, leader=True, interval=interval, failed=failed,
-               settings=NO_TIMEOUT).start(wait_workers=3)
-    s.wait_settled()
-    (first,) = s.events("leader_start")
-    stopped = time.monotonic()
-    os.kill(first["pid"], signal.SIGSTOP)
-    try:
-        second = started(s, first["term"])
-        took = second["t"] - stopped
-        # Found late once its stamp is interval + failed old, by the next sweep (one interval),
-        # elected there; the new leader learns it at its next beat (one interval at most).
-        assert took <= interval + failed + 2 * interval + SLACK, f"replaced after {took:.2f}s"
-        assert second["pid"] != first["pid"] and second["term"] == first["term"] + 1
-        assert not s.events("leader_stop"), "the stopped leader cannot run anything"
-    finally:
-        os.kill(first["pid"], signal.SIGCONT)
-    (stop,) = s.wait_count("leader_stop", 1)
-    assert (stop["in_pid"], stop["term"], stop["reason"]) == (first["pid"], first["term"], "lost")
+    s, first = with_leader(server, 3, interval=interval, failed=failed, settings=NO_TIMEOUT)
+    second, stop = replaced_while_stopped(s, first, interval, failed)
+    assert second["pid"] != first["pid"] and second["term"] == first["term"] + 1
     assert not stop["in_main"], "found at its next beat, outside the main thread"
     resumed = s.wait_count("worker_start", 1, reason="resume")[0]
     assert s.events().index(stop) < s.events().index(resumed), "it stops leading first"
@@ -118,9 +129,7 @@ def test_a_stopped_leader_is_replaced_and_stops_leading_when_continued(server: M
 
 def test_hup_hands_leadership_to_the_new_generation_without_overlap(server: Make) -> None:
     interval = 0.3
-    s = server(workers=2, leader=True, interval=interval, failed=0.5).start(wait_workers=2)
-    s.wait_settled()
-    (first,) = s.events("leader_start")
+    s, first = with_leader(server, 2, interval=interval, failed=0.5)
     for hup in range(1, 3):
         s.signal(signal.SIGHUP)
         new = s.wait_count("master_start", hup + 1)[-1]["generation"]
@@ -142,9 +151,7 @@ def test_hup_hands_leadership_to_the_new_generation_without_overlap(server: Make
 
 def test_upgrade_hands_leadership_to_the_new_master(server: Make) -> None:
     interval = 0.3
-    s = server(workers=2, leader=True, interval=interval, failed=0.5).start(wait_workers=2)
-    s.wait_settled()
-    (first,) = s.events("leader_start")
+    s, first = with_leader(server, 2, interval=interval, failed=0.5)
     done = cli("upgrade", "--state", s.state_file, "--timeout", "60")
     assert done.returncode == 0, done.stderr
     new_master = next(g for g in read_status(s.state_file)["generations"] if g["open"])
@@ -210,27 +217,15 @@ def test_a_leader_stopped_inside_its_leader_start_is_passed_over(server: Make) -
                block={"leader_start": 3.0})
     s.start()  # not waiting for worker_start: the other workers' wait their turn
     (first,) = s.wait_count("leader_start", 1)  # recorded, then it blocks, holding the turn
-    stopped = time.monotonic()
-    os.kill(first["pid"], signal.SIGSTOP)
-    try:
-        second = started(s, first["term"])
-        took = second["t"] - stopped
-        assert took <= interval + failed + 2 * interval + SLACK, f"replaced after {took:.2f}s"
-        assert "holds the turn but is stopped" in s.log_text()
-    finally:
-        os.kill(first["pid"], signal.SIGCONT)
-    (stop,) = s.wait_count("leader_stop", 1)
-    assert (stop["in_pid"], stop["term"], stop["reason"]) == (first["pid"], first["term"], "lost")
+    replaced_while_stopped(s, first, interval, failed)
+    assert "holds the turn but is stopped" in s.log_text()
     s.stop()
     check_leaders(s.events(), vanished={first["pid"]})
     check_record(s.events())
 
 
 def test_a_raising_leader_stop_still_lets_its_worker_exit(server: Make) -> None:
-    s = server(workers=2, leader=True, on_error="raise", raising=("leader_stop",))
-    s.start(wait_workers=2)
-    s.wait_settled()
-    (first,) = s.events("leader_start")
+    s, first = with_leader(server, 2, on_error="raise", raising=("leader_stop",))
     os.kill(first["pid"], signal.SIGTERM)
     s.wait_count("worker_exit", 1, pid=first["pid"])
     assert [e["reason"] for e in s.events("leader_stop")] == ["exit"]
@@ -245,10 +240,7 @@ def test_a_raising_leader_stop_still_lets_its_worker_exit(server: Make) -> None:
 def test_a_worker_gunicorn_stops_is_never_elected(server: Make) -> None:
     """A worker finishing its last request after Gunicorn told it to stop withdraws at its
     next beat: when the leader dies meanwhile, no term goes to it."""
-    interval = 0.2
-    s = server(workers=2, leader=True, interval=interval, failed=0.5).start(wait_workers=2)
-    s.wait_settled()
-    (first,) = s.events("leader_start")
+    s, first = with_leader(server, 2, interval=0.2, failed=0.5)
     other = next(p for p in s.live_workers(s.pid) if p != first["pid"])
     busy = [threading.Thread(target=s.request, args=("/sleep?seconds=3",)) for _ in range(2)]
     for thread in busy:  # both workers busy: each holds one request
