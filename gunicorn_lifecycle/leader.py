@@ -136,9 +136,9 @@ class Leadership:
         """Deliver what the LEADER word owes this worker, in slot ``index`` with ``token``."""
         with self._guard:
             try:
-                with self.tx.bookkeeping("leader", self.options.lock_timeout) as state:
-                    owed = self.owed(state, index, token)
-                self.tx.deliver_all(owed)
+                self.tx.deliver_all(self.tx.section(
+                    "leader", lambda state: self.owed(state, index, token),
+                    self.options.lock_timeout))
             finally:
                 self.asked = False
 
