@@ -34,7 +34,23 @@ _LAST_POLL = 0.001  # a waiter for a lock held microseconds learns of its releas
 
 
 class LockTimeout(Exception):
-    """The lock was not had in time; the message says who gave up on what, and who holds it."""
+    """The lock was not had in time; the message says who gave up on what, and who holds it.
+
+    The holder is named when the message is first read (a log line, at once),
+    not when it is raised: a sweep that finds the lock busy, one try a beat,
+    drops it unread and pays nothing for a name.
+    """
+
+    def __init__(self, gave_up: str, holder: Callable[[], str]) -> None:
+        super().__init__(gave_up)
+        self._holder: Callable[[], str] | None = holder
+        self._message = gave_up
+
+    def __str__(self) -> str:
+        if self._holder is not None:
+            self._message = f"{self._message}{self._holder()}"
+            self._holder = None
+        return self._message
 
 
 class Locked(Protocol):
@@ -86,4 +102,4 @@ class StateLock:
     def _timeout(self, timeout: float, what: str, holder: Callable[[], str]) -> LockTimeout:
         self._stalled = timeout > 0
         return LockTimeout(f"gave up on {what} in pid {os.getpid()} after {timeout:.1f}s: the "
-                           f"state lock on {self.file.path} is held by {holder()}")
+                           f"state lock on {self.file.path} is held by ", holder)

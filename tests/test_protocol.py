@@ -12,17 +12,20 @@ from __future__ import annotations
 
 import mmap
 import multiprocessing
+import os
 import struct
 import time
 from collections.abc import Callable
 from multiprocessing.sharedctypes import Synchronized
 from pathlib import Path
 
+import pytest
 from states import add_generation, state_of
 
 from gunicorn_lifecycle import layout
 from gunicorn_lifecycle.layout import H, S
 from gunicorn_lifecycle.lifecycle import _overran
+from gunicorn_lifecycle.lock import LockTimeout
 from gunicorn_lifecycle.options import Options
 from gunicorn_lifecycle.protocol import Words
 from gunicorn_lifecycle.statefile import open_for_server
@@ -216,3 +219,25 @@ def test_the_sweep_deadline_is_one_word_that_moves_once_per_interval(tmp_path: P
         worker._last = time.monotonic_ns()
         worker.beat()
     assert words[H.NEXT_SWEEP] == deadline
+
+
+def test_a_busy_lock_names_its_holder_when_the_timeout_is_read(tmp_path: Path) -> None:
+    holder = Transactions(open_for_server(str(tmp_path / "busy.state"), SLOTS), _Log())
+    waiter = Transactions(open_for_server(str(tmp_path / "busy.state"), SLOTS), _Log())
+    asked: list[int] = []
+
+    def named() -> str:
+        asked.append(1)
+        return "the sweeper"
+
+    with holder.bookkeeping("sweep", 1.0):
+        with pytest.raises(LockTimeout) as one_try, waiter.lock.hold(0, "resume", named):
+            raise AssertionError("the lock was had twice")
+        assert asked == [], "a one-try that finds the lock busy does not look up its holder"
+        with pytest.raises(LockTimeout) as timed_out, waiter.bookkeeping("booted", 0.2):
+            raise AssertionError("the lock was had twice")
+    assert str(one_try.value).endswith("is held by the sweeper") and asked == [1]
+    assert str(one_try.value) == str(one_try.value) and asked == [1], "looked up once"
+    message = str(timed_out.value)
+    assert message.startswith("gave up on booted in pid ") and "after 0.2s" in message
+    assert message.endswith(f"is held by pid {os.getpid()} (sweep)"), message
