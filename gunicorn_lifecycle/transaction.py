@@ -296,8 +296,9 @@ class Courier:
         self._delivering = threads.allocate_lock()
         self._running = self._closed = False
 
-    def send(self, owed: Iterable[Owed]) -> None:
-        self.run((one.callback, partial(self._transactions.deliver, one)) for one in owed)
+    def send(self, owed: Sequence[Owed]) -> None:
+        if owed:  # a sweep that found nothing, nearly every one, takes no lock of ours
+            self.run([(one.callback, partial(self._transactions.deliver, one)) for one in owed])
 
     def run(self, jobs: Iterable[tuple[str, Callable[[], None]]]) -> None:
         """Run each ``(what, job)`` in the courier's thread, in order."""

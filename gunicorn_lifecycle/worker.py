@@ -182,6 +182,9 @@ class Worker:
                            "server runs and raise `slots`", state.path, self.pid, state.slots)
             return []
         self._own(state, index, registered=False)
+        # Not booted, it cannot lead: an election before its boot is none of its business (its
+        # boot follows the leadership), so its beats while the app loads do not follow it.
+        self.leadership.seen = state.header(H.LEADER)
         return [WorkerStarted(index, self.token, False, self.options, self.server, self.worker)]
 
     def _own(self, state: State, index: int, registered: bool) -> None:
