@@ -47,8 +47,9 @@ class LockTimeout(Exception):
         self._message = gave_up
 
     def __str__(self) -> str:
-        if self._holder is not None:
-            self._message = f"{self._message}{self._holder()}"
+        holder = self._holder  # read once: two threads reading the message both get it whole
+        if holder is not None:
+            self._message = f"{self.args[0]}{holder()}"
             self._holder = None
         return self._message
 
