@@ -12,6 +12,21 @@ import os
 
 def start_time(pid: int) -> int | None:
     """The start time of a running (non-zombie) process, or None if there is none."""
+    fields = _stat(pid)
+    if fields is None or len(fields) < 20 or fields[0] == b"Z":
+        return None
+    return int(fields[19])
+
+
+def is_stopped(pid: int) -> bool:
+    """Whether ``pid`` is stopped (SIGSTOP, a tracer), not merely slow: its state is T or t."""
+    fields = _stat(pid)
+    return fields is not None and fields[:1] in ([b"T"], [b"t"])
+
+
+def _stat(pid: int) -> list[bytes] | None:
+    """The fields of ``/proc/<pid>/stat`` from the third on (the state), or None if there is no
+    such process."""
     if pid <= 0:
         return None
     try:  # os.open, not open(): no buffered-IO objects, on a path run in every post_fork
@@ -20,23 +35,12 @@ def start_time(pid: int) -> int | None:
         return None
     try:
         stat = os.read(fd, 4096)
+    except OSError:
+        return None
     finally:
         os.close(fd)
     # The command name (field 2) may hold spaces and parentheses: split after the last ")".
-    fields = stat[stat.rfind(b")") + 2 :].split()
-    if len(fields) < 20 or fields[0] == b"Z":
-        return None
-    return int(fields[19])
-
-
-def is_stopped(pid: int) -> bool:
-    """Whether ``pid`` is stopped (SIGSTOP, a tracer), not merely slow: its state is T or t."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as file:
-            stat = file.read()
-    except OSError:
-        return False
-    return stat[stat.rfind(b")") + 2 :][:1] in (b"T", b"t")
+    return stat[stat.rfind(b")") + 2 :].split()
 
 
 def is_alive(pid: int, started: int) -> bool:
