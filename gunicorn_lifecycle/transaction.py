@@ -256,8 +256,7 @@ class Transactions:
         holds it."""
         with self.bookkeeping("turn", timeout) as state:
             pid, started = state.header(H.TURN_PID), state.header(H.TURN_STARTED)
-            code = state.header(H.TURN_WHAT)
-            holder = f"pid {pid} ({WHAT[code] if 0 <= code < len(WHAT) else '?'})"
+            holder = _named(pid, state.header(H.TURN_WHAT))
             if pid and pid != self.pid and is_alive(pid, started):
                 if not (is_stopped(pid) and any((s.pid, s.started) == (pid, started)
                                                 for s in state.slots_in(SlotState.LOST))):
@@ -274,8 +273,12 @@ class Transactions:
             self.file.verify()
         except LifecycleError:
             return "a process this one cannot name (the file changed under it)"
-        pid, code = self.state.header(H.HOLDER_PID), self.state.header(H.HOLDER_WHAT)
-        return f"pid {pid} ({WHAT[code] if 0 <= code < len(WHAT) else '?'})"
+        return _named(self.state.header(H.HOLDER_PID), self.state.header(H.HOLDER_WHAT))
+
+
+def _named(pid: int, what: int) -> str:
+    """A holder of the lock or the turn, as the header records it: its pid and what it does."""
+    return f"pid {pid} ({WHAT[what] if 0 <= what < len(WHAT) else '?'})"
 
 
 class Courier:
