@@ -178,7 +178,7 @@ def children(pid: int) -> list[int]:
     """The pids whose parent is ``pid`` (Gunicorn's workers, for a master), sorted."""
     try:
         text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-    except FileNotFoundError:
+    except OSError:  # gone, or gone between the open and the read (ESRCH)
         return []
     return sorted(int(child) for child in text.split())
 

@@ -264,7 +264,7 @@ class Server:
         children = Path(f"/proc/{master}/task/{master}/children")
         try:
             return [int(p) for p in children.read_text().split()]
-        except FileNotFoundError:
+        except OSError:  # gone, or gone between the open and the read (ESRCH)
             return []
 
     def request(self, path: str = "/") -> bytes:
@@ -353,10 +353,11 @@ def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120.0
 
 
 def alive(pid: int) -> bool:
-    """True while ``pid`` exists and is not a zombie."""
+    """True while ``pid`` exists and is not a zombie (read from ``/proc`` here, not through
+    the library under test)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
+    except OSError:  # gone: no entry, or it vanished between the open and the read (ESRCH)
         return False
     return stat[stat.rfind(")") + 2] != "Z"
 
