@@ -58,7 +58,7 @@ def post_worker_init(worker):
 PLUGIN_HOOKS = '''\
 import gunicorn_lifecycle
 
-gunicorn_lifecycle.configure(**{options!r})
+gunicorn_lifecycle.configure({callbacks}**{options!r})
 
 on_starting = gunicorn_lifecycle.on_starting
 on_reload = gunicorn_lifecycle.on_reload
@@ -72,9 +72,13 @@ on_exit = gunicorn_lifecycle.on_exit
 '''
 
 
-def plugin_hooks(state_file: Path, **options: float) -> str:
-    """Config lines wiring gunicorn_lifecycle as the README says, with no user callbacks."""
-    return PLUGIN_HOOKS.format(options={"state_file": str(state_file), **options})
+def plugin_hooks(state_file: Path, callbacks: dict[str, str] | None = None,
+                 **options: float) -> str:
+    """Config lines wiring gunicorn_lifecycle as the README says; ``callbacks``: the code of
+    each callback to configure (none by default)."""
+    given = "".join(f"{name}={code}, " for name, code in (callbacks or {}).items())
+    return PLUGIN_HOOKS.format(callbacks=given, options={"state_file": str(state_file),
+                                                         **options})
 
 
 def wait_for(condition: Callable[[], T | None], what: str, timeout: float = 30.0) -> T:

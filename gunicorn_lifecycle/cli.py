@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
         if args.command == "status":
             return status(args)
         path = one_instance(args)
-        open_for_reading(path)  # a file that cannot be used is bad usage, before anything is sent
+        open_for_reading(path).close()  # a file that cannot be used is bad usage, before a signal
     except LifecycleError as exc:
         progress(str(exc))
         return 2

@@ -204,9 +204,9 @@ def start_successor(instance: Instance, old: int, deadline: float, timeout: floa
                          "re-execute itself, README \"Zero-downtime deploys\")") from None
         instance.signal(stray, signal.SIGTERM)
         raise Failed(f"rolled back: the new master {stray} opened no generation in "
-                     f"{instance.path} within {timeout:g}s, and was stopped (a changed bind or "
-                     "state_file gives it another state file: restart the server "
-                     "instead)") from None
+                     f"{instance.path} within {timeout:g}s, and was stopped (is on_starting "
+                     "wired in its config? A gunicorn_lifecycle of another state file format "
+                     "needs a full restart instead)") from None
     instance.progress(f"new master {new} started; waiting until its generation is ready")
     return new
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from gunicorn.systemd import sd_notify
 
+from . import futex
 from .errors import LifecycleError, StateDamaged
 from .events import CallbackFailed
 from .lock import LockTimeout
@@ -29,6 +30,7 @@ from .systemd import Systemd
 from .transaction import Transactions
 from .worker import Worker
 
+_HANDED_DOWN = "GUNICORN_LIFECYCLE_STATE"  # "<master pid>:<path>", for the master's USR2 child
 HOOKS = ("on_starting", "on_reload", "post_fork", "post_worker_init", "worker_exit",
          "worker_abort", "child_exit", "nworkers_changed", "on_exit")
 # Gunicorn executes its config file as a module of this name.
@@ -190,11 +192,14 @@ def on_starting(server: Any) -> None:
     _here.starting_failed = True
     with _guard(server, "on_starting"):
         options = _options(server)
-        path = options.state_file or default_path(server.cfg.bind)
-        if options.state_file is None:
+        path = _state_path(server, options)
+        if path == default_path(server.cfg.bind):
             make_default_directory(os.path.dirname(path))
         state_file = open_for_server(path, options.slots)
         server.log.info("gunicorn_lifecycle: state file %s", path)
+        _hand_down(server, path)
+        if any(options.callback_lists.values()):
+            futex.prepare()  # here, once, not in each worker that waits for its turn
         _check_wiring(server)
         systemd = _systemd(server, options)
         master = Master(Transactions(state_file, server.log, systemd), server, server.master_pid)
@@ -204,6 +209,40 @@ def on_starting(server: Any) -> None:
             # Gunicorn's own READY=1, sent right after this hook before any worker exists,
             # goes nowhere; the socket is given back with the first message after it.
             _here.notify_socket = os.environ.pop("NOTIFY_SOCKET")
+
+
+def _state_path(server: Any, options: Options) -> str:
+    """The configured state file; for a USR2 master, its parent's, whatever the config says now.
+
+    A relative ``state_file`` resolved through a release symlink that was flipped
+    since (``current -> releases/r2``) names another file: the new master would
+    open a new lineage beside the live one, or close a live master's generations
+    in a copy of its file as crashed.
+    """
+    configured = options.state_file or default_path(server.cfg.bind)
+    parent, _, path = os.environ.pop(_HANDED_DOWN, "").partition(":")
+    if not path or parent != os.environ.get("GUNICORN_PID"):
+        return configured
+    if not _same_file(path, configured):
+        server.log.warning("gunicorn_lifecycle: this master was started by USR2 from master %s, "
+                           "and uses its state file %s; the config now gives %s (a release "
+                           "flipped under a relative state_file?), which takes effect at the "
+                           "next full restart", parent, path, configured)
+    return path
+
+
+def _same_file(one: str, other: str) -> bool:
+    try:
+        return os.path.samefile(one, other)
+    except OSError:
+        return False
+
+
+def _hand_down(server: Any, path: str) -> None:
+    """Tell the master a USR2 starts which state file this one uses: in the environment
+    Gunicorn gives it (that of the config, not this process's, which workers inherit), by its
+    real path (no symbolic link in it can be flipped meanwhile)."""
+    server.cfg.env_orig[_HANDED_DOWN] = f"{os.getpid()}:{os.path.realpath(path)}"
 
 
 def _systemd(server: Any, options: Options) -> Systemd | None:
@@ -250,10 +289,12 @@ def on_reload(server: Any) -> None:
         server.cfg.env_orig.setdefault("NOTIFY_SOCKET", _here.notify_socket)
     with _guard(server, "on_reload"):
         options = _options(server)
-        if options.state_file not in (None, master.tx.state.path):
+        if not _same_file(options.state_file or default_path(server.cfg.bind),
+                          master.tx.state.path):
             server.log.warning("gunicorn_lifecycle: state_file changed on reload; it takes "
                                "effect at the next start, %s stays in use",
                                master.tx.state.path)
+        _hand_down(server, master.tx.state.path)  # in the re-read config's environment
         master.reload(options)
         _here.config = server.cfg
 

@@ -6,6 +6,8 @@ can be loaded and stored with one machine access (see :mod:`protocol`)::
     header        80 words   magic, version, capacities, node-wide words, tallies
     generations   24 words each, GENERATIONS of them
     slots          8 words each, one per worker (the capacity chosen at creation)
+    turn queue     4 words each, one per thread that may wait for the turn at once
+                   (two per worker slot, one per generation; see :mod:`turn`)
 
 Each generation and slot record starts with a sequence word (:mod:`protocol`).
 Header words 18 to 31 are reserved: zero, and ignored by this version. The
@@ -21,7 +23,7 @@ from .errors import LifecycleError
 
 WORD = 8
 MAGIC = int.from_bytes(b"GUNILIFE", "little")
-VERSION = 3
+VERSION = 4
 GENERATIONS = 32
 
 
@@ -39,9 +41,9 @@ class H(enum.IntEnum):
     DIRTY = 9  # word index of the record being written, 0 when none (protocol.Guarded)
     HOLDER_PID = 10  # who holds the state lock, and for what (for timeout messages)
     HOLDER_WHAT = 11
-    TURN_PID = 12  # who runs a user callback now (transaction.Turn)
-    TURN_STARTED = 13
-    TURN_WHAT = 14
+    SERVING = 12  # the ticket that holds the turn to run user callbacks (turn); a futex
+    NEXT_TICKET = 13  # the next ticket to give: SERVING == NEXT_TICKET when nobody asked
+    SERVED_SINCE = 14  # monotonic ns when SERVING last moved: how long its holder has held
     RESTART_DUE = 15  # a crash closed the last open generation: the next start is "restart"
     LEADER = 16  # the term and the leader's slot in one word: the one word a beat reads (leader)
     LEADER_TOKEN = 17  # the leader slot's registration token when it was elected
@@ -89,11 +91,26 @@ class S(enum.IntEnum):
     GENERATION = 3
     PID = 4
     STARTED = 5
-    HEARTBEAT = 6  # monotonic ns, stored without the lock by the owner alone; once LOST, when
+    HEARTBEAT = 6  # monotonic ns, stored without the lock by its owner; once LOST, when lost
     FLAGS = 7  # Flag bits, and the Reason of a loss in bits 8-15
 
 
 SLOT_WORDS = 8
+
+
+class Q(enum.IntEnum):
+    """Turn queue entry words: who asked for ticket TICKET (the entry of ticket t is t % size).
+
+    TICKET is stored last when an entry is filled and first (0) when it is cleared.
+    """
+
+    TICKET = 0
+    PID = 1
+    STARTED = 2
+    WHAT = 3  # what it runs callbacks for (transaction.WHAT), for messages
+
+
+QUEUE_WORDS = 4
 
 
 class GenerationState(enum.IntEnum):
@@ -142,6 +159,11 @@ class Reason(enum.IntEnum):
 
 
 REASON_SHIFT = 8
+
+# What a process holds the lock or asks for the turn for (HOLDER_WHAT, Q.WHAT): for messages.
+WHAT = ("", "master_start", "master_exit", "worker_start", "worker_exit", "worker_lost",
+        "register", "booted", "sweep", "resume", "reap", "turn", "exit", "master_ready",
+        "target", "leader_start", "leader_stop", "leader")
 GENERATIONS_AT = HEADER_WORDS
 SLOTS_AT = HEADER_WORDS + GENERATIONS * GENERATION_WORDS
 
@@ -174,8 +196,24 @@ def index_of(word: int) -> int | None:
     return named - 1 if named else None
 
 
-def file_words(slots: int) -> int:
+def queue_at(slots: int) -> int:
+    """Word index of the turn queue of a file with ``slots`` worker slots."""
     return SLOTS_AT + slots * SLOT_WORDS
+
+
+def queue_size(slots: int) -> int:
+    """Entries in the turn queue: two threads of each worker (its main thread and its
+    delivery thread) and one of each generation's master may wait at once."""
+    return 2 * slots + GENERATIONS
+
+
+def entry_at(slots: int, ticket: int) -> int:
+    """Word index of the turn queue entry of ``ticket``."""
+    return queue_at(slots) + ticket % queue_size(slots) * QUEUE_WORDS
+
+
+def file_words(slots: int) -> int:
+    return queue_at(slots) + queue_size(slots) * QUEUE_WORDS
 
 
 def file_size(slots: int) -> int:
@@ -189,6 +227,7 @@ def new_file(slots: int) -> bytes:
     words[H.MAGIC], words[H.VERSION] = MAGIC, VERSION
     words[H.GENERATIONS], words[H.SLOTS] = GENERATIONS, slots
     words[H.NEXT_GENERATION] = words[H.NEXT_TOKEN] = 1
+    words[H.SERVING] = words[H.NEXT_TICKET] = 1
     return b"".join(w.to_bytes(WORD, "little") for w in words)
 
 

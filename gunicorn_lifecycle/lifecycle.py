@@ -101,8 +101,12 @@ class MasterReady:
 
 @dataclass(frozen=True, slots=True)
 class WorkerStarted:
+    """The start of the worker ``pid`` (started at ``started``), registered in slot ``index``
+    (its token may change meanwhile: lost while it waits its turn, then back)."""
+
     index: int
-    token: int
+    pid: int
+    started: int
     resumed: bool
     options: Options
     server: Any
@@ -112,7 +116,8 @@ class WorkerStarted:
     def take(self, state: State, tell: bool = True) -> Event | None:
         slot = state.slot(self.index)
         gen = state.generation(slot.generation)
-        if slot.owner != self.token or slot.counted or gen is None:
+        if ((slot.pid, slot.started) != (self.pid, self.started)
+                or slot.state != SlotState.REGISTERED or slot.counted or gen is None):
             return None
         state.set_flags(self.index, slot.flags | Flag.COUNTED)
         reason = "resume" if self.resumed else "respawn" if gen.gone else "spawn"

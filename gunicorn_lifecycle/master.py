@@ -12,6 +12,7 @@ import time
 from collections import Counter
 from typing import Any
 
+from . import turn
 from .errors import LifecycleError
 from .layout import GenerationState, H, Readiness, Reason, SlotState
 from .lifecycle import (
@@ -104,9 +105,8 @@ class Master:
             state.set_header(H.BOOT_ID, first)
             state.set_header(H.BOOT_ID + 1, second)
             state.set_header(H.NEXT_SWEEP, 0)
+            turn.reset(state)
         self._parents(state, here)  # refuses before anything changes
-        if not any(g.serving and here.master_alive(g) for g in state.generations()):
-            state.set_header(H.TURN_PID, 0)  # no live master: a turn holder is long gone
         owed: list[Owed] = []
         for gen in state.generations():
             if gen.serving and not here.master_alive(gen):

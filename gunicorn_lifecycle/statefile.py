@@ -22,6 +22,7 @@ import mmap
 import os
 import stat
 import sys
+import weakref
 from collections.abc import Iterable
 
 from . import layout
@@ -90,25 +91,46 @@ def make_default_directory(directory: str) -> None:
 
 
 class StateFile:
-    """A mapped, validated state file and this process's read-only descriptor of it."""
+    """A mapped, validated state file and this process's read-only descriptor of it.
+
+    Close it when done (it is a context manager): a command that polls the state
+    opens one per read.
+    """
 
     def __init__(self, path: str, fd: int, writable: bool) -> None:
         self.path = path
         self.size = os.fstat(fd).st_size
         if self.size < layout.HEADER_WORDS * layout.WORD:  # too short even to map
             layout.check_header(b"", self.size, path)
-        self._map, self.fd = _map(path, fd, self.size, writable)
-        buf = memoryview(self._map)
-        self.slots = layout.check_header(buf, self.size, path)
-        self.words = Words(buf, self.slots, path)
+        self.mapping, self.fd, self._fd_is_mine = _map(path, fd, self.size, writable)
+        self._buf = memoryview(self.mapping)
+        try:
+            self.slots = layout.check_header(self._buf, self.size, path)
+        except LifecycleError:
+            self.close()
+            raise
+        self.words = Words(self._buf, self.slots, path)
         self._header = self.words.view[: layout.H.SLOTS + 1].tolist()
 
+    def __enter__(self) -> StateFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Unmap the file and close the descriptor (what it holds of the lock goes with it)."""
+        if hasattr(self, "words"):
+            self.words.view.release()
+        self._buf.release()
+        self.mapping.close()  # before Python 3.13 the mapping owns the descriptor, and closes it
+        if self._fd_is_mine:
+            os.close(self.fd)
+
     def reopen(self) -> None:
-        """In a forked worker: a description of its own, of the very same file (for its lock),
-        under the same descriptor number."""
-        own = _reopen(self.fd)
-        os.dup2(own, self.fd, inheritable=False)
-        os.close(own)
+        """In a forked child: a description of its own, of the very same file, under the same
+        descriptor number (the parent's description, with its locks, is not the child's)."""
+        _replace(self.fd)
 
     def verify(self) -> None:
         """Refuse to go on if the file changed under the mapping: its size, then its header."""
@@ -125,13 +147,16 @@ class StateFile:
                                  "until the server restarts with an intact file")
 
 
-def _reopen(fd: int) -> int:
-    """A new read-only open file description of the file ``fd`` is open on."""
-    return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+def _replace(fd: int) -> None:
+    """Make descriptor ``fd`` refer to a new read-only open file description of its file."""
+    own = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+    os.dup2(own, fd, inheritable=False)
+    os.close(own)
 
 
-def _map(path: str, fd: int, size: int, writable: bool) -> tuple[mmap.mmap, int]:
-    """Map the file; return the mapping and this process's one, read-only, descriptor.
+def _map(path: str, fd: int, size: int, writable: bool) -> tuple[mmap.mmap, int, bool]:
+    """Map the file; the mapping, this process's one read-only descriptor, and whether that
+    descriptor is to be closed apart from the mapping.
 
     CPython's mmap keeps a duplicate of ``fd`` (always, before Python 3.13): a
     writable one would outlive the privilege drop in every worker. That number
@@ -139,7 +164,8 @@ def _map(path: str, fd: int, size: int, writable: bool) -> tuple[mmap.mmap, int]
     """
     prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
     if sys.version_info >= (3, 13):
-        return mmap.mmap(fd, size, mmap.MAP_SHARED, prot, trackfd=False), _reopen(fd)
+        mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, prot, trackfd=False)
+        return mapping, os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC), True
     # The duplicate shares fd's open file description, so its file offset: an offset that
     # no other description of this file has (a thread's, past any file's end) marks it,
     # whatever other threads open or close meanwhile.
@@ -149,10 +175,8 @@ def _map(path: str, fd: int, size: int, writable: bool) -> tuple[mmap.mmap, int]
     for kept in _descriptors_of(os.fstat(fd)):
         with contextlib.suppress(OSError):
             if kept != fd and os.lseek(kept, 0, os.SEEK_CUR) == mark:
-                own = _reopen(fd)
-                os.dup2(own, kept, inheritable=False)
-                os.close(own)
-                return mapping, kept
+                _replace(kept)
+                return mapping, kept, False
     mapping.close()
     raise LifecycleError(f"state file {path}: the descriptor of its mapping was not found")
 
@@ -198,11 +222,41 @@ def open_for_server(path: str, slots: int) -> StateFile:
             if _cut_short(fd):
                 _install(path, slots, replace=True)
                 continue
-            return StateFile(path, fd, writable=True)
+            file = StateFile(path, fd, writable=True)
+            _forked_apart(file)
+            return file
         finally:
             os.close(fd)
     raise LifecycleError(f"state file {path} keeps changing while it is opened; make sure one "
                          "instance uses it, or choose another state_file")
+
+
+_served: weakref.WeakSet[StateFile] = weakref.WeakSet()
+
+
+def _forked_apart(file: StateFile) -> None:
+    """Give every process forked from this one a description of ``file`` of its own.
+
+    A descriptor inherited across a fork shares the parent's open file
+    description, and with it the parent's locks: a helper that a callback
+    forks (multiprocessing, ``os.fork()``, Gunicorn's dirty arbiter) would keep
+    a killed master's presence, and a held state lock, for as long as it lives.
+    Gunicorn's workers get theirs the same way, before ``post_fork``.
+    """
+    _served.add(file)
+
+
+def _after_fork() -> None:
+    for file in list(_served):
+        try:
+            file.reopen()
+        except OSError:  # no /proc: the parent's description must go all the same
+            empty = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+            os.dup2(empty, file.fd, inheritable=False)  # verify() then finds it damaged
+            os.close(empty)
+
+
+os.register_at_fork(after_in_child=_after_fork)
 
 
 def open_for_reading(path: str) -> StateFile:

@@ -36,8 +36,8 @@ from .statefile import open_for_reading
 
 def read_status(path: str) -> dict[str, Any]:
     """The SPEC's status object for the state file at ``path``."""
-    file = open_for_reading(path)
-    return snapshot(file.words, file.fd)
+    with open_for_reading(path) as file:
+        return snapshot(file.words, file.fd)
 
 
 def snapshot(words: Words, fd: int) -> dict[str, Any]:

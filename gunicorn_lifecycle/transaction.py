@@ -2,18 +2,11 @@
 
 *Bookkeeping* (register, reap, sweep, open, close) holds the state lock for
 microseconds, and never waits on a user callback. The events it finds are
-*owed* (:mod:`lifecycle`); a *delivery* takes the node-wide *turn*, so that no
-two user callbacks run at once anywhere, then the lock just long enough to make
-the event's effect on the counts and read them, then runs the callbacks with
-the turn alone. An event without a callback takes no turn.
-
-The turn is a word in the state (who holds it: pid and start time), taken under
-the lock, and released with one store by its holder. A holder that died is
-passed over: its pid is no longer alive with that start time. So is a worker
-that is stopped (SIGSTOP, a debugger) and that a sweep found lost, as its
-leadership is: if it runs again, its callback finishes while others may run. A
-worker that is only slow (the GIL held for seconds) keeps the turn. The holder
-releases the turn under the lock, comparing first.
+*owed* (:mod:`lifecycle`); a *delivery* takes the node-wide *turn*
+(:mod:`turn`), so that no two user callbacks run at once anywhere, then the
+lock just long enough to make the event's effect on the counts and read them,
+then runs the callbacks with the turn alone. An event without a callback takes
+no turn.
 
 No signal is ever masked. A hook that a signal handler calls inside another
 (Gunicorn 21 to 23 reap workers, and call ``child_exit``, from their SIGCHLD
@@ -26,7 +19,6 @@ unwinds it like a kill would: the next lock holder repairs the record.
 from __future__ import annotations
 
 import os
-import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -35,29 +27,18 @@ from functools import partial
 from . import threads
 from .errors import LifecycleError
 from .events import Log, run_callbacks
-from .layout import H, SlotState
+from .layout import WHAT, H
 from .leader import keep
 from .lifecycle import Owed
 from .lock import LockTimeout, StateLock
 from .options import CALLBACKS
-from .process import is_alive, is_stopped, own_start_time
+from .process import own_start_time
 from .state import State
 from .statefile import StateFile
 from .systemd import Systemd
-
-WHAT = ("", "master_start", "master_exit", "worker_start", "worker_exit", "worker_lost",
-        "register", "booted", "sweep", "resume", "reap", "turn", "exit", "master_ready",
-        "target", "leader_start", "leader_stop", "leader")
+from .turn import Cancelled, Turn, TurnTimeout
 
 Work = Callable[[State], Sequence[Owed]]
-
-
-class TurnTimeout(Exception):
-    """The turn to run user callbacks was not had in time (``waited``: with a timeout > 0)."""
-
-    def __init__(self, message: str, waited: bool) -> None:
-        super().__init__(message)
-        self.waited = waited
 
 
 class Transactions:
@@ -71,21 +52,20 @@ class Transactions:
         self.log = log
         self.pid = os.getpid()
         self.started = own_start_time()
-        self._turn_threads = threads.RLock()
-        self._turn_stalled = False
+        self.turn = Turn(file, self.bookkeeping, self.pid, self.started)
         self._inside: set[int] = set()  # threads in bookkeeping now
         self._work: deque[tuple[str, Work, float]] = deque()
         self._owed: deque[Owed] = deque()
         self._delivering = False
+        self._told_frozen = 0  # the frozen holder a "stays owed" was logged for
 
     def after_fork(self) -> None:
-        """In a forked worker: its own identity, lock description and queues."""
+        """In a forked worker (whose descriptor was reopened at the fork, see
+        :mod:`statefile`): its own identity, lock and queues."""
         self.pid = os.getpid()
         self.started = own_start_time()
-        self.file.reopen()
         self.lock.after_fork()
-        self._turn_threads = threads.RLock()
-        self._turn_stalled = False
+        self.turn.after_fork(self.pid, self.started)
         self._inside.clear()
         self._work.clear()
         self._owed.clear()
@@ -171,13 +151,16 @@ class Transactions:
         for one in owed:
             self.deliver(one)
 
-    def deliver(self, owed: Owed) -> None:
+    def deliver(self, owed: Owed, cancel: Callable[[], bool] | None = None) -> None:
         """Make the event's effect and run its callbacks, in turn; skipped if no longer owed.
 
-        Without the turn in time, an end is still counted, its callback skipped; a
+        Without the turn (its holder made no progress for ``lock_timeout``, or the
+        lock could not be had), an end is still counted, its callback skipped; a
         start is not counted at all, so that nobody gets an end whose start they
         never saw (the worker or generation stays out of the counts); a ready or
         a leadership, which change no count, stay owed, for a later sweep or beat.
+        ``cancel``: a start whose wait is called off (Gunicorn stops the worker)
+        is left out of the counts the same way, without a word.
         """
         options = owed.options
         callbacks = options.callbacks(owed.callback)
@@ -186,87 +169,36 @@ class Transactions:
                 owed.take(state, tell=False)
             return
         try:
-            with self.turn(owed.callback, options.lock_timeout):
+            with self.turn.held(owed.callback, options.lock_timeout, cancel):
                 with self.bookkeeping(owed.callback, options.lock_timeout) as state:
                     event = owed.take(state)
                 if event is not None:
                     run_callbacks(owed.callback, callbacks, event, options.on_error, self.log)
-        except TurnTimeout as exc:
-            if owed.callback in ("master_ready", "leader_start"):
-                if exc.waited:  # not again for each retry that gives up at once
-                    self.log.error("gunicorn_lifecycle: %s; %s stays owed: a later sweep or "
-                                   "beat delivers it", exc, owed.callback)
-                return
-            if owed.callback.endswith("_start"):
-                self.log.error("gunicorn_lifecycle: %s; no %s callback: what it starts stays "
-                               "out of the counts and gets no end event", exc, owed.callback)
-                return
-            self.log.error("gunicorn_lifecycle: %s; the %s callback is skipped, its event "
-                           "counted", exc, owed.callback)
-            with self.bookkeeping(owed.callback, options.lock_timeout) as state:
-                owed.take(state, tell=False)
+        except Cancelled:
+            return
+        except (TurnTimeout, LockTimeout) as exc:
+            self._without_turn(owed, exc)
 
-    @contextmanager
-    def turn(self, what: str, timeout: float) -> Iterator[None]:
-        """Hold the node-wide turn to run user callbacks; TurnTimeout after ``timeout``.
-
-        Like the lock, a process that waited out a timeout once only tries until
-        it has the turn again.
-        """
-        if self._turn_stalled:
-            timeout = 0
-        deadline = time.monotonic() + timeout
-        if not (self._turn_threads.acquire(True, timeout) if timeout > 0
-                else self._turn_threads.acquire(False)):
-            raise TurnTimeout(f"gave up on the turn for {what} after {timeout:.1f}s: another "
-                              "thread of this process runs callbacks", timeout > 0)
+    def _without_turn(self, owed: Owed, exc: TurnTimeout | LockTimeout) -> None:
+        """What a delivery that did not get its turn leaves (see :meth:`deliver`)."""
+        if owed.callback in ("master_ready", "leader_start"):
+            holder = getattr(exc, "holder", 0)
+            if not holder or holder != self._told_frozen:  # not again at each retry
+                self._told_frozen = holder
+                self.log.error("gunicorn_lifecycle: %s; %s stays owed: a later sweep or beat "
+                               "delivers it", exc, owed.callback)
+            return
+        if owed.callback.endswith("_start"):
+            self.log.error("gunicorn_lifecycle: %s; no %s callback: what it starts stays out "
+                           "of the counts and gets no end event", exc, owed.callback)
+            return
+        self.log.error("gunicorn_lifecycle: %s; the %s callback is skipped, its event counted",
+                       exc, owed.callback)
         try:
-            pause = 0.0001
-            while (holder := self._take_turn(what, max(deadline - time.monotonic(), 0))):
-                if time.monotonic() >= deadline:
-                    if timeout > 0:
-                        self._turn_stalled = True
-                    raise TurnTimeout(f"gave up on the turn for {what} in pid {self.pid} after "
-                                      f"{timeout:.1f}s: {holder} runs its callbacks", timeout > 0)
-                threads.sleep(pause)
-                pause = min(pause * 2, 0.01)
-            self._turn_stalled = False
-            try:
-                yield
-            finally:
-                # Compared and cleared under the lock: a holder passed over while it was
-                # stopped must not clear the turn of the one that took it meanwhile. A lock
-                # held past its timeout gets the one store without it.
-                try:
-                    with self.bookkeeping("turn", max(timeout, 1.0)) as state:
-                        self._release_turn(state)
-                except LockTimeout:
-                    self.file.verify()
-                    self._release_turn(self.state)
-        finally:
-            self._turn_threads.release()
-
-    def _release_turn(self, state: State) -> None:
-        if (state.header(H.TURN_PID), state.header(H.TURN_STARTED)) == (self.pid, self.started):
-            state.set_header(H.TURN_PID, 0)
-
-    def _take_turn(self, what: str, timeout: float) -> str:
-        """Take the turn if it is free, or its holder died, or it is a worker that a sweep
-        found stopped (lost by its heartbeat, as a frozen leader is replaced); else say who
-        holds it."""
-        with self.bookkeeping("turn", timeout) as state:
-            pid, started = state.header(H.TURN_PID), state.header(H.TURN_STARTED)
-            holder = _named(pid, state.header(H.TURN_WHAT))
-            if pid and pid != self.pid and is_alive(pid, started):
-                if not (is_stopped(pid) and any((s.pid, s.started) == (pid, started)
-                                                for s in state.slots_in(SlotState.LOST))):
-                    return holder  # a slow holder (the GIL held for seconds) keeps the turn
-                state.note("gunicorn_lifecycle: %s holds the turn but is stopped, found lost "
-                           "by its heartbeat; the others' callbacks go on without it", holder)
-            state.set_header(H.TURN_STARTED, self.started)
-            state.set_header(H.TURN_WHAT, WHAT.index(what))
-            state.set_header(H.TURN_PID, self.pid)
-            return ""
+            with self.bookkeeping(owed.callback, owed.options.lock_timeout) as state:
+                owed.take(state, tell=False)
+        except LockTimeout as again:  # the lock is stuck: the end stays owed, for a sweep
+            self.log.error("gunicorn_lifecycle: %s", again)
 
     def _holder(self) -> str:
         try:
@@ -277,7 +209,7 @@ class Transactions:
 
 
 def _named(pid: int, what: int) -> str:
-    """A holder of the lock or the turn, as the header records it: its pid and what it does."""
+    """A holder of the lock, as the header records it: its pid and what it does."""
     return f"pid {pid} ({WHAT[what] if 0 <= what < len(WHAT) else '?'})"
 
 
@@ -300,8 +232,11 @@ class Courier:
         self._running = self._closed = False
 
     def send(self, owed: Sequence[Owed]) -> None:
+        """Deliver ``owed``; a delivery still waiting for its turn when the worker exits stops
+        waiting (what it owes stays owed in the state, for the next sweep anywhere)."""
         if owed:  # a sweep that found nothing, nearly every one, takes no lock of ours
-            self.run([(one.callback, partial(self._transactions.deliver, one)) for one in owed])
+            self.run([(one.callback, partial(self._transactions.deliver, one,
+                                             lambda: self._closed)) for one in owed])
 
     def run(self, jobs: Iterable[tuple[str, Callable[[], None]]]) -> None:
         """Run each ``(what, job)`` in the courier's thread, in order."""

@@ -67,22 +67,37 @@ class Worker:
         self._last = 0
         self._untracked = False
         self._leaving = False
+        self._start_owed = False  # registered, its worker_start not yet delivered (nor given up)
 
     def start(self) -> None:
-        """post_fork: register, start beating, then deliver ``worker_start``."""
-        owed = self.tx.section("register", self._register, self.options.lock_timeout)
+        """post_fork: register and start beating; no callback runs here.
+
+        Until Gunicorn's worker installs its signal handlers (after ``post_fork``)
+        it has its master's, and a TERM is lost: nothing here waits for a turn.
+        """
+        self.tx.section("register", self._register, self.options.lock_timeout)
         if self.index is not None:
-            self.heartbeat.start()  # before a callback that may wait its turn
-            self.tx.deliver_all(owed)
+            self.heartbeat.start()
 
     def booted(self) -> None:
-        """post_worker_init: the application is loaded (only the flags word is written).
+        """post_worker_init: deliver ``worker_start``, then mark the slot booted (only the
+        flags word is written).
 
-        The boot that brings its generation's booted workers to the target makes
-        the generation ready, and runs ``master_ready`` here. A worker taken for
-        lost meanwhile is marked too: it counts as booted when it comes back.
+        The application is loaded and Gunicorn's signal handlers are in place: a
+        worker stopped while it waits for its turn stops waiting, and neither
+        starts nor boots. The boot that brings its generation's booted workers to
+        the target makes the generation ready, and runs ``master_ready`` here. A
+        worker taken for lost meanwhile is marked too: it counts as booted when it
+        comes back.
         """
-        self.tx.deliver_all(self.tx.section("booted", self._boot, self.options.lock_timeout))
+        if self._start_owed and self.index is not None:
+            self._start_owed = False
+            self.tx.deliver(WorkerStarted(self.index, self.pid, self.started, False,
+                                          self.options, self.server, self.worker),
+                            cancel=lambda: not self._serving())
+        if self._serving():
+            self.tx.deliver_all(self.tx.section("booted", self._boot,
+                                                self.options.lock_timeout))
 
     def exit(self) -> None:
         """worker_exit: deliver ``worker_exit`` (counting itself), then free the slot.
@@ -185,7 +200,8 @@ class Worker:
         # Not booted, it cannot lead: an election before its boot is none of its business (its
         # boot follows the leadership), so its beats while the app loads do not follow it.
         self.leadership.seen = state.header(H.LEADER)
-        return [WorkerStarted(index, self.token, False, self.options, self.server, self.worker)]
+        self._start_owed = True
+        return []
 
     def _own(self, state: State, index: int, registered: bool) -> None:
         """Register in ``index``, or, ``registered``, take the own lost slot back."""
@@ -241,8 +257,10 @@ class Worker:
             return ready
         self.log.warning("gunicorn_lifecycle: worker %s was counted as lost (its heartbeat "
                          "overran) but is alive; registered again", self.pid)
-        return [WorkerStarted(index, self.token, True, self.options, self.server, self.worker),
-                *ready]
+        if self._start_owed:  # lost before it started: its own start is still to come
+            return ready
+        return [WorkerStarted(index, self.pid, self.started, True, self.options, self.server,
+                              self.worker), *ready]
 
     def _leave(self, state: State) -> list[Owed]:
         assert self.index is not None

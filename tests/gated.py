@@ -78,4 +78,9 @@ class Gate:
         return s
 
     def start(self, s: Server, wait_workers: int | None = None) -> Server:
-        return s.start(wait_workers=wait_workers, env=self.env)
+        """Start ``s``; with ``wait_workers``, wait until that many workers are registered
+        (their worker_start comes once they boot)."""
+        s.start(env=self.env)
+        if wait_workers:
+            s.wait_registered(wait_workers)
+        return s

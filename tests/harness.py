@@ -41,6 +41,7 @@ RECORD = {record!r}
 RAISE = {raising!r}
 BLOCK = {block!r}
 HOLD = {hold!r}
+SLEEP = {sleep!r}
 PROBE = {probe!r}
 
 def _blocked(path):
@@ -79,6 +80,8 @@ def _record(name):
                 os.close(fd)
             except FileExistsError:
                 pass
+        if name in SLEEP:  # every call, in every process: a callback that takes its time
+            time.sleep(SLEEP[name])
         if name in RAISE:
             raise RuntimeError("callback %s raised on purpose" % name)
     return callback
@@ -142,13 +145,15 @@ class Server:
                  raising: tuple[str, ...] = (), block: dict[str, float] | None = None,
                  hooks: tuple[str, ...] = HOOKS, record: bool = True, gunicorn: str | None = None,
                  first: str = "", probe: bool = False, leader: bool = False,
-                 hold: dict[str, float] | None = None, **options: Any) -> None:
+                 hold: dict[str, float] | None = None, sleep: dict[str, float] | None = None,
+                 **options: Any) -> None:
         """``record``: configure() with a recording callback for every event (else the
         ``settings`` call configure() themselves, as README's recipes do). ``gunicorn``: a
         Gunicorn version to run instead of the installed one. ``first``: the config's first
         lines. ``probe``: each callback also records the signals blocked in its thread and
         in a process it starts. ``leader``: record leader_start and leader_stop too.
-        ``hold``: the first call of each named callback holds the GIL that many seconds."""
+        ``hold``: the first call of each named callback holds the GIL that many seconds.
+        ``sleep``: every call of each named callback sleeps that many seconds."""
         self.env = {"PYTHONPATH": os.pathsep.join(
             [str(gunicorn_release(gunicorn)), *filter(None, [os.environ.get("PYTHONPATH")])])
         } if gunicorn else {}
@@ -163,7 +168,7 @@ class Server:
         self.conf = directory / "gunicorn.conf.py"
         self.conf.write_text(CONF.format(
             first=first, probe=probe, record=str(self.record), raising=raising,
-            block=block or {}, hold=hold or {},
+            block=block or {}, hold=hold or {}, sleep=sleep or {},
             configure=(f"gunicorn_lifecycle.configure(**{{**{{name: _record(name) for name in "
                        f"{CALLBACKS + LEADER * leader!r}}}, **{options!r}}})" if record
                        else ""),
@@ -212,6 +217,16 @@ class Server:
                    f"{count} {cb} events matching {match}", timeout)
         return self.events(cb, **match)
 
+    def wait_registered(self, workers: int) -> list[int]:
+        """Wait until ``workers`` workers are registered (not lost), booted or not; their pids,
+        oldest first. A worker registers in ``post_fork``; its ``worker_start`` comes once it
+        has loaded the application (``post_worker_init``)."""
+        from states import registered
+
+        return sorted(self._wait(lambda: os.path.exists(self.state_file) and (
+            found := registered(self.state_file)) and len(found) >= workers and found,
+            f"{workers} workers registered"))
+
     def wait_booted(self, workers: int | None = None) -> None:
         """Wait until every started worker that is still registered has booted.
 
@@ -238,7 +253,8 @@ class Server:
                     fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
                     return False
-            return header_word(self.state_file, H.TURN_PID) == 0
+            return header_word(self.state_file, H.SERVING) == header_word(self.state_file,
+                                                                          H.NEXT_TICKET)
 
         self.wait_booted()
         self._wait(lambda: {g["generation"] for g in read_status(self.state_file)["generations"]

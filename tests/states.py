@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from gunicorn_lifecycle import layout
 from gunicorn_lifecycle.process import own_start_time, pid_namespace
 from gunicorn_lifecycle.protocol import Words
 from gunicorn_lifecycle.state import State
-from gunicorn_lifecycle.statefile import open_for_reading
+from gunicorn_lifecycle.statefile import open_for_reading, open_for_server
 from gunicorn_lifecycle.status import read_status
 
 
@@ -47,10 +50,22 @@ def write(path: Path, buf: bytearray) -> None:
 
 
 def header_word(state_file: str, word: layout.H) -> int:
-    return open_for_reading(state_file).words[word]
+    with open_for_reading(state_file) as file:
+        return file.words[word]
 
 
 def registered(state_file: str) -> set[int]:
     """The pids of the workers the state counts as registered (not lost)."""
     return {w["pid"] for g in read_status(state_file)["generations"] for w in g["workers"]
             if not w["lost"]}
+
+
+@contextmanager
+def turn_held(state_file: str) -> Iterator[None]:
+    """This process holds the node-wide turn of ``state_file``, as a callback that never
+    returns would: it is alive, and makes no progress."""
+    from gunicorn_lifecycle.transaction import Transactions
+
+    transactions = Transactions(open_for_server(state_file, 1), logging.getLogger("test"))
+    with transactions.turn.held("turn", 60.0):
+        yield

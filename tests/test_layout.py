@@ -14,14 +14,16 @@ from gunicorn_lifecycle.layout import Flag, G, GenerationState, H, Reason, S, Sl
 def test_sizes_are_fixed() -> None:
     assert layout.HEADER_WORDS * 8 == 640
     assert layout.GENERATION_WORDS * 8 == 192 and layout.SLOT_WORDS * 8 == 64
-    assert layout.file_size(256) == 640 + 32 * 192 + 256 * 64 == 23_168
+    assert layout.QUEUE_WORDS * 8 == 32 and layout.queue_size(256) == 2 * 256 + 32
+    assert layout.file_size(256) == 640 + 32 * 192 + 256 * 64 + 544 * 32 == 40_576
     assert max(H) < layout.HEADER_WORDS and max(G) < layout.GENERATION_WORDS
-    assert max(S) < layout.SLOT_WORDS
+    assert max(S) < layout.SLOT_WORDS and max(layout.Q) < layout.QUEUE_WORDS
 
 
 def test_new_file_is_all_free() -> None:
     state = state_of(fresh(4))
     assert state.header(H.NEXT_GENERATION) == state.header(H.NEXT_TOKEN) == 1
+    assert state.header(H.SERVING) == state.header(H.NEXT_TICKET) == 1  # nobody has the turn
     assert state.generations() == [] and state.slots_in(*SlotState) == [
         state.slot(i) for i in range(4)]
     assert all(s.state == SlotState.FREE for s in state.slots_in(*SlotState))
@@ -97,7 +99,8 @@ def test_foreign_files_are_refused_by_name(data: bytes, message: str) -> None:
 
 @pytest.mark.parametrize(("word", "value", "message"), [
     (H.VERSION, 1, "format version 1"),
-    (H.VERSION, 4, "format version 4"),
+    (H.VERSION, 3, "format version 3"),
+    (H.VERSION, 5, "format version 5"),
     (H.SLOTS, 0, "impossible capacity"),
     (H.GENERATIONS, 16, "impossible capacity"),
 ])

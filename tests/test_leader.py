@@ -230,7 +230,8 @@ def test_a_raising_leader_stop_still_lets_its_worker_exit(server: Make) -> None:
     s.wait_count("worker_exit", 1, pid=first["pid"])
     assert [e["reason"] for e in s.events("leader_stop")] == ["exit"]
     assert not s.events("worker_lost"), "its exit completed: it is not lost"
-    assert "callback leader_stop raised on purpose" in s.log_text(), "and it reached Gunicorn"
+    wait_for(lambda: "callback leader_stop raised on purpose" in s.log_text(),
+             "the callback's error to reach Gunicorn (logged once the exit completed)")
     started(s, first["term"])
     s.stop()
     check_leaders(s.events())

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import mmap
 import os
 import signal
 from collections.abc import Callable
@@ -11,9 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from gated import Gate
+from states import turn_held
 
-from gunicorn_lifecycle.layout import H
-from gunicorn_lifecycle.process import own_start_time
 from gunicorn_lifecycle.status import read_status
 from harness import Server, check_record, wait_for
 
@@ -26,6 +24,11 @@ def generation(s: Server, number: int) -> dict[str, Any]:
 
 def booted(s: Server, number: int) -> int:
     return sum(w["booted"] and not w["lost"] for w in generation(s, number)["workers"])
+
+
+def registered_in(s: Server, number: int) -> list[int]:
+    """The workers of generation ``number`` registered now (booted or not), oldest first."""
+    return sorted(w["pid"] for w in generation(s, number)["workers"] if not w["lost"])
 
 
 def test_ready_once_per_generation_after_its_last_boot_through_ttin_hup_and_usr2(
@@ -78,9 +81,9 @@ def test_ttou_that_stops_a_worker_still_booting_makes_the_generation_ready_in_th
     server: Make, tmp_path: Path
 ) -> None:
     gate = Gate(tmp_path)
-    s = gate.start(gate.server(server, workers=2, interval=0.2, failed=1.0), wait_workers=2)
+    s = gate.start(gate.server(server, workers=2, interval=0.2, failed=1.0))
+    oldest, youngest = s.wait_registered(2)
     number = s.events("master_start")[0]["generation"]
-    oldest, youngest = sorted(e["pid"] for e in s.events("worker_start"))
     gate.let_pid(youngest)
     wait_for(lambda: booted(s, number) == 1, "the youngest worker booted")
     s.signal(signal.SIGTTOU)  # Gunicorn stops the oldest, still booting: one booted is enough
@@ -97,9 +100,9 @@ def test_ttou_that_stops_a_booted_worker_leaves_the_generation_not_ready(
     server: Make, tmp_path: Path
 ) -> None:
     gate = Gate(tmp_path)
-    s = gate.start(gate.server(server, workers=3, interval=0.2, failed=1.0), wait_workers=3)
+    s = gate.start(gate.server(server, workers=3, interval=0.2, failed=1.0))
+    oldest, middle, youngest = s.wait_registered(3)
     number = s.events("master_start")[0]["generation"]
-    oldest, middle, youngest = sorted(e["pid"] for e in s.events("worker_start"))
     gate.let_pid(oldest)
     gate.let_pid(middle)
     wait_for(lambda: booted(s, number) == 2, "two of three workers booted")
@@ -119,9 +122,9 @@ def test_a_worker_that_booted_while_taken_for_lost_completes_readiness_when_back
     server: Make, tmp_path: Path
 ) -> None:
     gate = Gate(tmp_path)
-    s = gate.start(gate.server(server, workers=2, interval=0.1, failed=0.2), wait_workers=2)
+    s = gate.start(gate.server(server, workers=2, interval=0.1, failed=0.2))
+    first, second = s.wait_registered(2)
     number = s.events("master_start")[0]["generation"]
-    first, second = sorted(e["pid"] for e in s.events("worker_start"))
     gate.let_pid(first)
     wait_for(lambda: booted(s, number) == 1, "the first worker booted")
     os.kill(first, signal.SIGSTOP)
@@ -158,8 +161,10 @@ def test_a_hup_that_changes_the_worker_count_leaves_the_old_generation_alone(
     assert generation(s, reload["generation"])["target"] == 2, "the new count is the new one's"
     old = [g for g in read_status(s.state_file)["generations"] if g["generation"] == number]
     assert not old or (old[0]["target"], old[0]["ready"]) == (3, False), old
-    for started in s.wait_count("worker_start", 2, generation=reload["generation"]):
-        gate.let_pid(started["pid"])  # not the old worker still waiting: it may take any token
+    new = wait_for(lambda: len(found := registered_in(s, reload["generation"])) == 2 and found,
+                   "the new generation's two workers registered")
+    for pid in new:
+        gate.let_pid(pid)  # not the old worker still waiting: it may take any token
     ready = s.wait_count("master_ready", 1)
     assert [e["generation"] for e in ready] == [reload["generation"]]
     s.stop()
@@ -184,20 +189,13 @@ def test_master_ready_waits_out_a_busy_turn_and_is_delivered_once(
     server: Make, tmp_path: Path
 ) -> None:
     gate = Gate(tmp_path)
-    s = gate.start(gate.server(server, workers=2, interval=0.1, failed=0.3, lock_timeout=0.5),
-                   wait_workers=2)
-    with open(s.state_file, "r+b") as file, mmap.mmap(file.fileno(), 0) as mapped:
-        words = memoryview(mapped).cast("q")
-        # Another live process (this one) holds the turn: its callbacks run as long as it likes.
-        words[H.TURN_STARTED], words[H.TURN_PID] = own_start_time(), os.getpid()
-        try:
-            gate.let(2)
-            wait_for(lambda: "master_ready stays owed" in s.log_text(),
-                     "the ready worker to give up on the turn")
-            assert generation(s, 1)["ready"] and not s.events("master_ready")
-        finally:
-            words[H.TURN_PID] = 0
-            words.release()
+    s = gate.start(gate.server(server, workers=2, interval=0.1, failed=0.3, lock_timeout=0.5))
+    s.wait_registered(2)
+    with turn_held(s.state_file):  # another live process holds the turn for as long as it likes
+        gate.let(2)
+        wait_for(lambda: "master_ready stays owed" in s.log_text(),
+                 "the ready worker to give up on the turn")
+        assert generation(s, 1)["ready"] and not s.events("master_ready")
     s.wait_count("master_ready", 1)  # a later sweep delivers it
     s.stop()
     assert len(s.events("master_ready")) == 1

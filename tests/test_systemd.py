@@ -98,8 +98,9 @@ def test_ready_only_once_every_worker_booted(server: Make, systemd: Systemd,
                                              tmp_path: Path) -> None:
     gate = Gate(tmp_path)
     s = gate.server(server, workers=2, interval=0.2, failed=1.0)
-    s.start(wait_workers=2, env={**gate.env, **systemd.env})
-    systemd.wait("STATUS=generation 1 (start, starting): 1 of 2")  # what the starts said
+    s.start(env={**gate.env, **systemd.env})
+    s.wait_registered(2)
+    systemd.wait("STATUS=generation 1 (start, starting): 0 of 2")  # what master_start said
     assert not systemd.saying("READY=1"), "Gunicorn's early READY=1 is taken over"
     gate.let(2)
     (ready,) = systemd.wait("READY=1")
@@ -176,7 +177,8 @@ def test_systemd_false_leaves_gunicorns_own_notification(server: Make, systemd: 
                                                          tmp_path: Path) -> None:
     gate = Gate(tmp_path)
     s = gate.server(server, workers=2, systemd=False)
-    s.start(wait_workers=2, env={**gate.env, **systemd.env})
+    s.start(env={**gate.env, **systemd.env})
+    s.wait_registered(2)
     systemd.wait("READY=1")
     assert systemd.received == [GUNICORNS_OWN], "before any worker booted, and alone"
     gate.let(2)
@@ -189,7 +191,8 @@ def test_a_usr2_master_given_a_hup_before_it_was_ready_is_followed(
 ) -> None:
     gate = Gate(tmp_path)
     s = gate.server(server, workers=2, interval=0.2, failed=1.0)
-    s.start(wait_workers=2, env={**gate.env, **systemd.env})
+    s.start(env={**gate.env, **systemd.env})
+    s.wait_registered(2)
     gate.let(2)
     systemd.wait("READY=1")
     s.signal(signal.SIGUSR2)
@@ -282,7 +285,8 @@ def test_an_old_master_retiring_before_its_successor_is_ready_hands_over(
 ) -> None:
     gate = Gate(tmp_path)
     s = gate.server(server, workers=1, interval=0.2, failed=1.0)
-    s.start(wait_workers=1, env={**gate.env, **systemd.env})
+    s.start(env={**gate.env, **systemd.env})
+    s.wait_registered(1)
     gate.let(1)
     systemd.wait("READY=1")
     s.signal(signal.SIGUSR2)
