@@ -96,8 +96,3 @@ def _kernel() -> _Kernel | None:
         return _Kernel(number)
     except (ImportError, OSError, AttributeError):  # no ctypes, no libc, no syscall in it
         return None
-
-
-def prepare() -> None:
-    """Load ``ctypes`` now (in a master, before it forks: its workers then share it)."""
-    _kernel()

@@ -19,7 +19,6 @@ from typing import Any
 
 from gunicorn.systemd import sd_notify
 
-from . import futex
 from .errors import LifecycleError, StateDamaged
 from .events import CallbackFailed
 from .lock import LockTimeout
@@ -198,8 +197,6 @@ def on_starting(server: Any) -> None:
         state_file = open_for_server(path, options.slots)
         server.log.info("gunicorn_lifecycle: state file %s", path)
         _hand_down(server, path)
-        if any(options.callback_lists.values()):
-            futex.prepare()  # here, once, not in each worker that waits for its turn
         _check_wiring(server)
         systemd = _systemd(server, options)
         master = Master(Transactions(state_file, server.log, systemd), server, server.master_pid)

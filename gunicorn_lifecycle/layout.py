@@ -10,7 +10,7 @@ can be loaded and stored with one machine access (see :mod:`protocol`)::
                    (two per worker slot, one per generation; see :mod:`turn`)
 
 Each generation and slot record starts with a sequence word (:mod:`protocol`).
-Header words 18 to 31 are reserved: zero, and ignored by this version. The
+Header words 19 to 31 are reserved: zero, and ignored by this version. The
 tallies (from word 32) count, per reason, the generations opened and closed and
 the workers lost since the file was made, for monitoring.
 """
@@ -47,6 +47,7 @@ class H(enum.IntEnum):
     RESTART_DUE = 15  # a crash closed the last open generation: the next start is "restart"
     LEADER = 16  # the term and the leader's slot in one word: the one word a beat reads (leader)
     LEADER_TOKEN = 17  # the leader slot's registration token when it was elected
+    RELEASES = 18  # counts the state lock's releases (lock): a futex its waiters sleep on
     OPENED_TALLY = 32  # 16 words: generations opened, indexed by Reason
     CLOSED_TALLY = 48  # 16 words: generations closed, by Reason
     LOST_TALLY = 64  # 16 words: workers lost, by Reason
@@ -134,7 +135,10 @@ class SlotState(enum.IntEnum):
     LOST = 2  # reported (or being reported) lost; kept while its process may live
 
 
-class Flag(enum.IntFlag):
+class Flag:
+    """Bits of a slot's FLAGS word: plain ints, not an enum.IntFlag, whose operators cost
+    microseconds each in loops over every slot."""
+
     BOOTED = 1  # post_worker_init ran
     COUNTED = 2  # its worker_start was delivered and its end is not yet
 

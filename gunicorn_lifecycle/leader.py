@@ -107,7 +107,7 @@ def withdraw(state: State, index: int) -> None:
     is elected at the end of this section."""
     slot = state.slot(index)
     if slot.booted:
-        state.set_flags(index, slot.flags & ~int(Flag.BOOTED))
+        state.set_flags(index, slot.flags & ~Flag.BOOTED)
 
 
 class Leadership:
@@ -136,9 +136,8 @@ class Leadership:
         """Deliver what the LEADER word owes this worker, in slot ``index`` with ``token``."""
         with self._guard:
             try:
-                self.tx.deliver_all(self.tx.section(
-                    "leader", lambda state: self.owed(state, index, token),
-                    self.options.lock_timeout))
+                self.tx.run("leader", lambda state: self.owed(state, index, token),
+                            self.options.lock_timeout)
             finally:
                 self.asked = False
 
@@ -168,7 +167,9 @@ class Leadership:
         """Before the worker's exit: its ``leader_stop``, if it leads."""
         with self._guard:
             if self.term:
-                self.tx.deliver(LeaderStopped(self, index, token, "exit"))
+                self.tx.run("leader_stop", lambda state: [LeaderStopped(self, index, token,
+                                                                        "exit")],
+                            self.options.lock_timeout)
 
     def named(self, state: State, index: int | None, token: int) -> bool:
         """Whether the LEADER word names this worker, in slot ``index`` with ``token``."""

@@ -139,7 +139,7 @@ class WorkerExited:
         if slot.owner != self.token or not slot.counted or gen is None:
             return None
         event = event_of(state, gen, f"{gen.number}-{slot.pid}", slot.pid, "exit", self, tell)
-        state.set_flags(self.index, slot.flags & ~int(Flag.COUNTED))
+        state.set_flags(self.index, slot.flags & ~Flag.COUNTED)
         return event
 
 
@@ -164,7 +164,7 @@ class WorkerLost:
             return None
         event = None
         if slot.counted and gen is not None:
-            state.set_flags(self.index, slot.flags & ~int(Flag.COUNTED))
+            state.set_flags(self.index, slot.flags & ~Flag.COUNTED)
             event = event_of(state, gen, f"{gen.number}-{slot.pid}", slot.pid, slot.reason, self,
                            tell)
         if self.dead:

@@ -4,13 +4,18 @@
 process's own descriptor. Tying it to the state file (not to a lock file beside
 it) keeps mutual exclusion whatever happens to other files in its directory. A
 flock belongs to an open file description, which a fork shares with the child,
-so each process locks through a description of its own (a worker reopens the
-master's descriptor in ``post_fork``, see :mod:`statefile`: the same file,
-never another one at the same path). filelock's descriptor lock takes the
-flock; a wait polls with a backoff from 0.1 ms to 1 ms. The threads of one
-process exclude each other with a real reentrant lock, which also lets a thread
-that an exception (a worker's quick exit, raised by a signal handler) left
-holding it take it again on its way out, instead of waiting for itself.
+so each process locks through a description of its own (a forked child gets
+one at the fork, see :mod:`statefile`: the same file, never another one at the
+same path). filelock's descriptor lock takes the flock without waiting; a
+waiter reads the header's RELEASES word, tries, and sleeps on that word
+(:mod:`futex`) while it is unchanged; every holder, once it released the
+flock, stores a new value there and wakes the waiters: a waiter learns of a
+release at once, and no poll's sleep outlasts it. (A holder
+killed in its section releases the flock without a word: its waiters find out
+at their next look, within :data:`LOOK`.) The threads of one process exclude
+each other with a real reentrant lock, which also lets a thread that an
+exception (a worker's quick exit, raised by a signal handler) left holding it
+take it again on its way out, instead of waiting for itself.
 
 A process that waited out ``lock_timeout`` once only tries the lock, without
 waiting, until it has it again: a lock held forever (a process frozen while it
@@ -23,14 +28,15 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Protocol
+from typing import Any, Protocol
 
 import filelock
 
 from . import threads
+from .futex import Futex
+from .layout import H
 
-_FIRST_POLL = 0.0001
-_LAST_POLL = 0.001  # a waiter for a lock held microseconds learns of its release soon
+LOOK = 0.005  # how long a waiter sleeps at most before it tries the lock again
 
 
 class LockTimeout(Exception):
@@ -55,10 +61,12 @@ class LockTimeout(Exception):
 
 
 class Locked(Protocol):
-    """The file to lock: its path, and this process's own descriptor of it."""
+    """The file to lock: its path, this process's own descriptor of it, and its mapping."""
 
     path: str
     fd: int
+    mapping: Any
+    words: Any
 
 
 class StateLock:
@@ -68,6 +76,7 @@ class StateLock:
         self.file = file
         self._threads = threads.RLock()
         self._stalled = False
+        self._releases: Futex | None = None
 
     def after_fork(self) -> None:
         """In a forked child (which reopened the file): forget the parent's threads."""
@@ -85,20 +94,31 @@ class StateLock:
         if not acquired:
             raise self._timeout(timeout, what, lambda: "another thread of this process")
         try:
-            delay = _FIRST_POLL
-            while not filelock.lock_descriptor(self.file.fd, blocking=False):
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
+            view = self.file.words.view
+            while True:
+                seen = view[H.RELEASES]  # read before the try: a release after it changes it
+                if filelock.lock_descriptor(self.file.fd, blocking=False):
+                    break
+                now = time.monotonic()
+                if now >= deadline:
                     raise self._timeout(timeout, what, holder)
-                threads.sleep(min(delay, remaining))
-                delay = min(delay * 2, _LAST_POLL)
+                self._sleeper().wait(seen, 0, min(deadline, now + LOOK))
             self._stalled = False
             try:
                 yield
             finally:
                 filelock.unlock_descriptor(self.file.fd)
+                # Then a value no waiter has read yet: one that read the word before its try
+                # failed sleeps only while the word is unchanged.
+                view[H.RELEASES] = time.monotonic_ns()
+                self._sleeper().wake(0)
         finally:
             self._threads.release()
+
+    def _sleeper(self) -> Futex:
+        if self._releases is None:
+            self._releases = Futex(self.file.mapping, H.RELEASES)
+        return self._releases
 
     def _timeout(self, timeout: float, what: str, holder: Callable[[], str]) -> LockTimeout:
         self._stalled = timeout > 0

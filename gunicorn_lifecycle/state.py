@@ -265,7 +265,7 @@ def decode_slot(index: int, words: list[int], path: str) -> Slot:
         raise _corrupt(path, f"worker slot {index}") from None
     # A registration cut short may leave a FREE slot with an owner, a loss cut short a
     # REGISTERED one without: both are prefixes of a change. A LOST slot never has one.
-    if record.flags < 0 or record.flags & 0xFF & ~int(Flag.BOOTED | Flag.COUNTED) or (
+    if record.flags < 0 or record.flags & 0xFF & ~(Flag.BOOTED | Flag.COUNTED) or (
         record.state != SlotState.FREE and (record.pid < 1 or record.generation < 1)
     ) or (record.state == SlotState.LOST and record.owner != 0):
         raise _corrupt(path, f"worker slot {index}")

@@ -2,17 +2,21 @@
 
 *Bookkeeping* (register, reap, sweep, open, close) holds the state lock for
 microseconds, and never waits on a user callback. The events it finds are
-*owed* (:mod:`lifecycle`); a *delivery* takes the node-wide *turn*
-(:mod:`turn`), so that no two user callbacks run at once anywhere, then the
-lock just long enough to make the event's effect on the counts and read them,
-then runs the callbacks with the turn alone. An event without a callback takes
-no turn.
+*owed* (:mod:`lifecycle`). A *run* (:meth:`Transactions.run`) does a piece of
+bookkeeping and delivers what it owes, in order: an event with callbacks first
+takes the node-wide *turn* (:mod:`turn`), so that no two user callbacks run at
+once anywhere, then its effect on the counts is made and the counts read, then
+its callbacks run with the turn alone. An event without a callback takes no
+turn. Each lock hold of a run goes as far as it can: the bookkeeping, the
+events without callbacks, the ask for the turn and, when nobody holds it, the
+first event's effect share one hold; the turn is kept until the run's last
+event is delivered, and given back in the hold of the run's closing bookkeeping.
 
 No signal is ever masked. A hook that a signal handler calls inside another
 (Gunicorn 21 to 23 reap workers, and call ``child_exit``, from their SIGCHLD
-handler) is deferred: its bookkeeping until the interrupted bookkeeping ends,
-its deliveries until the interrupted delivery ends (:meth:`Transactions.perform`).
-An exception a signal handler raises inside bookkeeping (a worker's quick exit)
+handler) does not nest (:meth:`Transactions.perform`): its bookkeeping waits
+for the lock hold it interrupted, its events for the delivery under way. An
+exception a signal handler raises inside bookkeeping (a worker's quick exit)
 unwinds it like a kill would: the next lock holder repairs the record.
 """
 
@@ -22,11 +26,12 @@ import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import partial
 
 from . import threads
 from .errors import LifecycleError
-from .events import Log, run_callbacks
+from .events import CallbackFailed, Event, Log, run_callbacks
 from .layout import WHAT, H
 from .leader import keep
 from .lifecycle import Owed
@@ -39,6 +44,25 @@ from .systemd import Systemd
 from .turn import Cancelled, Turn, TurnTimeout
 
 Work = Callable[[State], Sequence[Owed]]
+
+
+@dataclass(frozen=True)
+class _Do:
+    """A run's step of bookkeeping: ``work`` under the lock. Its events come next, or, ``last``,
+    after every event owed before (bookkeeping a signal handler asked for meanwhile)."""
+
+    work: Work
+    last: bool = False
+
+
+@dataclass(frozen=True)
+class _Quietly:
+    """A run's step: ``owed`` takes its effect with no callback (its turn was not had)."""
+
+    owed: Owed
+
+
+Step = Owed | _Do | _Quietly
 
 
 class Transactions:
@@ -54,22 +78,18 @@ class Transactions:
         self.started = own_start_time()
         self.turn = Turn(file, self.bookkeeping, self.pid, self.started)
         self._inside: set[int] = set()  # threads in bookkeeping now
-        self._work: deque[tuple[str, Work, float]] = deque()
-        self._owed: deque[Owed] = deque()
-        self._delivering = False
+        self._plan: deque[Step] | None = None  # perform's run under way
         self._told_frozen = 0  # the frozen holder a "stays owed" was logged for
 
     def after_fork(self) -> None:
         """In a forked worker (whose descriptor was reopened at the fork, see
-        :mod:`statefile`): its own identity, lock and queues."""
+        :mod:`statefile`): its own identity and lock."""
         self.pid = os.getpid()
         self.started = own_start_time()
         self.lock.after_fork()
         self.turn.after_fork(self.pid, self.started)
         self._inside.clear()
-        self._work.clear()
-        self._owed.clear()
-        self._delivering = False
+        self._plan = None
 
     @contextmanager
     def bookkeeping(self, what: str, timeout: float) -> Iterator[State]:
@@ -106,99 +126,137 @@ class Transactions:
                 self._inside.discard(me)
 
     def perform(self, what: str, work: Work, timeout: float) -> None:
-        """Do ``work`` under the lock, then deliver the events it owes, in order.
-
-        For the hooks of a master's main thread, which a signal handler may enter
-        again: nothing nests (see the module's docstring).
-        """
-        self._work.append((what, work, timeout))
-        if threads.get_ident() in self._inside:
-            return  # inside our bookkeeping: the outer call does it when that ends
-        self._bookkeep()
-        while self._owed and not self._delivering:  # inside a delivery: the outer loop delivers
-            self._delivering = True
+        """:meth:`run`, for the hooks of a master's main thread, which a signal handler may
+        enter again while a run is under way: then nothing nests (see the module)."""
+        plan = self._plan
+        if plan is None:
+            self._plan = deque()
             try:
-                while self._owed:
-                    self.deliver(self._owed.popleft())
-                    self._bookkeep()
+                self.run(what, work, timeout, plan=self._plan)
             finally:
-                self._delivering = False
+                self._plan = None
+        elif threads.get_ident() in self._inside:  # inside a lock hold: right after its step
+            plan.appendleft(_Do(work, last=True))
+        else:  # in a callback, or waiting for the turn: the bookkeeping now, the events later
+            with self.bookkeeping(what, timeout) as state:
+                plan.extend(work(state))
 
-    def _bookkeep(self) -> None:
-        while self._work:
-            what, work, timeout = self._work.popleft()
-            if self._owed or self._delivering:  # events owed before: these come after them
-                with self.bookkeeping(what, timeout) as state:
-                    self._owed.extend(work(state))
-            else:
-                self._owed.extend(self.section(what, work, timeout))
+    def run(self, what: str, work: Work, timeout: float, then: Work | None = None,
+            cancel: Callable[[], bool] | None = None, plan: deque[Step] | None = None) -> None:
+        """Do ``work`` under the lock, deliver the events it owes in order, then do ``then``
+        under the lock and deliver what that owes (see the module for the lock holds).
 
-    def section(self, what: str, work: Work, timeout: float) -> list[Owed]:
-        """Do ``work`` under the lock; the events it owes, to deliver in order.
-
-        Those that nobody is told of (no callback), up to the first that
-        somebody is, take their effect at once, in the same section: a hook
-        without callbacks holds the lock once, not once more per event.
+        ``cancel``: an event whose wait for the turn it calls off is dropped (a
+        start stays out of the counts). A callback that raises under
+        ``on_error="raise"`` ends its own delivery, not the run: the rest is done,
+        then its error is raised. Without the turn an event is left as
+        :meth:`_without_turn` says; without the lock the run ends there, and what
+        it owes stays owed in the state, for a sweep.
         """
-        with self.bookkeeping(what, timeout) as state:
-            owed = list(work(state))
-            while owed and not owed[0].options.callbacks(owed[0].callback):
-                owed.pop(0).take(state, tell=False)
-                state.counts_changed = True
-        return owed
-
-    def deliver_all(self, owed: Iterable[Owed]) -> None:
-        for one in owed:
-            self.deliver(one)
-
-    def deliver(self, owed: Owed, cancel: Callable[[], bool] | None = None) -> None:
-        """Make the event's effect and run its callbacks, in turn; skipped if no longer owed.
-
-        Without the turn (its holder made no progress for ``lock_timeout``, or the
-        lock could not be had), an end is still counted, its callback skipped; a
-        start is not counted at all, so that nobody gets an end whose start they
-        never saw (the worker or generation stays out of the counts); a ready or
-        a leadership, which change no count, stay owed, for a later sweep or beat.
-        ``cancel``: a start whose wait is called off (Gunicorn stops the worker)
-        is left out of the counts the same way, without a word.
-        """
-        options = owed.options
-        callbacks = options.callbacks(owed.callback)
-        if not callbacks:
-            with self.bookkeeping(owed.callback, options.lock_timeout) as state:
-                owed.take(state, tell=False)
-            return
+        steps: deque[Step] = deque() if plan is None else plan
+        steps.extendleft([_Do(work), *([_Do(then)] if then is not None else [])][::-1])
+        ticket, failed = 0, None
         try:
-            with self.turn.held(owed.callback, options.lock_timeout, cancel):
-                with self.bookkeeping(owed.callback, options.lock_timeout) as state:
-                    event = owed.take(state)
-                if event is not None:
-                    run_callbacks(owed.callback, callbacks, event, options.on_error, self.log)
-        except Cancelled:
-            return
-        except (TurnTimeout, LockTimeout) as exc:
-            self._without_turn(owed, exc)
+            while steps or ticket:
+                ready: tuple[Owed, Event] | None = None
+                gave_up: list[tuple[Owed, TurnTimeout]] = []
+                moved = None
+                with self.bookkeeping(what, timeout) as state:
+                    ticket, ready = self._hold(state, steps, ticket, gave_up)
+                    if not steps and ready is None and ticket:  # all delivered: give it back
+                        moved, ticket = self.turn.leave(state, ticket), 0
+                self.turn.wake(moved)
+                for owed, exc in gave_up:
+                    self._without_turn(owed, exc)
+                if ready is not None:
+                    owed, event = ready
+                    try:
+                        run_callbacks(owed.callback, owed.options.callbacks(owed.callback),
+                                      event, owed.options.on_error, self.log)
+                    except CallbackFailed as exc:
+                        failed = failed or exc
+                elif steps and ticket:  # the next event waits for its turn
+                    ticket = self._wait(steps, ticket, cancel)
+        except LockTimeout as exc:
+            self.log.error("gunicorn_lifecycle: %s", exc)
+        finally:
+            if ticket:
+                self.turn.leave_alone(ticket, timeout)
+        if failed is not None:
+            raise failed
 
-    def _without_turn(self, owed: Owed, exc: TurnTimeout | LockTimeout) -> None:
-        """What a delivery that did not get its turn leaves (see :meth:`deliver`)."""
+    def _hold(self, state: State, steps: deque[Step], ticket: int,
+              gave_up: list[tuple[Owed, TurnTimeout]]) -> tuple[int, tuple[Owed, Event] | None]:
+        """Under the lock: take ``steps`` as far as they go without waiting; the ticket held or
+        asked for, and the event whose callbacks run next, if any."""
+        while steps:
+            step = steps[0]
+            if isinstance(step, _Do):
+                steps.popleft()
+                found = step.work(state)
+                if step.last:
+                    steps.extend(found)
+                else:
+                    steps.extendleft(reversed(found))
+                continue
+            if isinstance(step, _Quietly):
+                steps.popleft()
+                step.owed.take(state, tell=False)
+                state.counts_changed = True
+                continue
+            callbacks = step.options.callbacks(step.callback)
+            if callbacks and not ticket:
+                try:
+                    ticket = self.turn.ask(state, step.callback, step.options.lock_timeout)
+                except TurnTimeout as exc:
+                    steps.popleft()
+                    gave_up.append((step, exc))
+                    if _counted_without_turn(step):
+                        steps.appendleft(_Quietly(step))
+                    continue
+            if callbacks and not self.turn.served(ticket):
+                return ticket, None
+            steps.popleft()
+            event = step.take(state, tell=bool(callbacks))
+            state.counts_changed = True
+            if event is not None:
+                return ticket, (step, event)
+        return ticket, None
+
+    def _wait(self, steps: deque[Step], ticket: int, cancel: Callable[[], bool] | None) -> int:
+        """Wait for the turn for ``steps[0]``; the ticket served, or 0 when it was given up
+        (and the step left as :meth:`_without_turn` says)."""
+        owed = steps[0]
+        assert not isinstance(owed, _Do | _Quietly)
+        timeout = owed.options.lock_timeout
+        try:
+            return self.turn.wait(ticket, owed.callback, timeout, cancel)
+        except (TurnTimeout, Cancelled) as exc:
+            given_up = exc.ticket if isinstance(exc, TurnTimeout) else int(exc.args[1])
+            self.turn.leave_alone(given_up, timeout)
+            steps.popleft()
+            if isinstance(exc, TurnTimeout):
+                self._without_turn(owed, exc)
+                if _counted_without_turn(owed):
+                    steps.appendleft(_Quietly(owed))
+            return 0
+
+    def _without_turn(self, owed: Owed, exc: TurnTimeout) -> None:
+        """Say what an event without its turn leaves: an end is still counted, its callback
+        skipped; a start is not counted at all, so that nobody gets an end whose start they
+        never saw; a ready or a leadership, which change no count, stay owed, for a later
+        sweep or beat."""
         if owed.callback in ("master_ready", "leader_start"):
-            holder = getattr(exc, "holder", 0)
-            if not holder or holder != self._told_frozen:  # not again at each retry
-                self._told_frozen = holder
+            if not exc.holder or exc.holder != self._told_frozen:  # not again at each retry
+                self._told_frozen = exc.holder
                 self.log.error("gunicorn_lifecycle: %s; %s stays owed: a later sweep or beat "
                                "delivers it", exc, owed.callback)
-            return
-        if owed.callback.endswith("_start"):
+        elif owed.callback.endswith("_start"):
             self.log.error("gunicorn_lifecycle: %s; no %s callback: what it starts stays out "
                            "of the counts and gets no end event", exc, owed.callback)
-            return
-        self.log.error("gunicorn_lifecycle: %s; the %s callback is skipped, its event counted",
-                       exc, owed.callback)
-        try:
-            with self.bookkeeping(owed.callback, owed.options.lock_timeout) as state:
-                owed.take(state, tell=False)
-        except LockTimeout as again:  # the lock is stuck: the end stays owed, for a sweep
-            self.log.error("gunicorn_lifecycle: %s", again)
+        else:
+            self.log.error("gunicorn_lifecycle: %s; the %s callback is skipped, its event "
+                           "counted", exc, owed.callback)
 
     def _holder(self) -> str:
         try:
@@ -206,6 +264,12 @@ class Transactions:
         except LifecycleError:
             return "a process this one cannot name (the file changed under it)"
         return _named(self.state.header(H.HOLDER_PID), self.state.header(H.HOLDER_WHAT))
+
+
+def _counted_without_turn(owed: Owed) -> bool:
+    """An end is counted even when its callback cannot run (see ``_without_turn``)."""
+    return not (owed.callback in ("master_ready", "leader_start") or
+                owed.callback.endswith("_start"))
 
 
 def _named(pid: int, what: int) -> str:
@@ -232,11 +296,13 @@ class Courier:
         self._running = self._closed = False
 
     def send(self, owed: Sequence[Owed]) -> None:
-        """Deliver ``owed``; a delivery still waiting for its turn when the worker exits stops
-        waiting (what it owes stays owed in the state, for the next sweep anywhere)."""
+        """Deliver ``owed``, in one run; one still waiting for its turn when the worker exits
+        stops waiting (what it owes stays owed in the state, for the next sweep anywhere)."""
         if owed:  # a sweep that found nothing, nearly every one, takes no lock of ours
-            self.run([(one.callback, partial(self._transactions.deliver, one,
-                                             lambda: self._closed)) for one in owed])
+            found = list(owed)
+            self.run([(found[0].callback, partial(
+                self._transactions.run, found[0].callback, lambda state: found,
+                found[0].options.lock_timeout, cancel=lambda: self._closed))])
 
     def run(self, jobs: Iterable[tuple[str, Callable[[], None]]]) -> None:
         """Run each ``(what, job)`` in the courier's thread, in order."""

@@ -46,10 +46,9 @@ leaves: an exception a signal handler raises meanwhile included.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 
-from . import threads
 from .futex import Futex
 from .layout import QUEUE_WORDS, WHAT, H, Q, SlotState, entry_at, queue_at, queue_size
 from .lock import LockTimeout
@@ -64,19 +63,26 @@ Section = Callable[[str, float], AbstractContextManager[State]]
 
 class TurnTimeout(Exception):
     """The turn was not had: its holder (the ticket ``holder``; 0: the lock could not be had)
-    made no progress for the timeout."""
+    made no progress for the timeout. ``ticket``: the one given up, to leave (0: none)."""
 
-    def __init__(self, message: str, holder: int = 0) -> None:
+    def __init__(self, message: str, holder: int = 0, ticket: int = 0) -> None:
         super().__init__(message)
         self.holder = holder
+        self.ticket = ticket
 
 
 class Cancelled(Exception):
-    """The wait for the turn was called off by the caller's ``cancel``."""
+    """The wait for the turn was called off by the caller's ``cancel``; ``args[1]`` is the
+    ticket given up, to leave."""
 
 
 class Turn:
-    """One process's way to the node-wide turn; any of its threads may wait at once."""
+    """One process's way to the node-wide turn; any of its threads may wait at once.
+
+    A caller asks and leaves within a lock hold of its own (``ask``, ``leave``: the
+    turn shares the hold with the caller's bookkeeping), waits outside any
+    (``wait``), and wakes the next in line once its hold is over (``wake``).
+    """
 
     def __init__(self, file: StateFile, section: Section, pid: int, started: int) -> None:
         self.file = file
@@ -84,60 +90,55 @@ class Turn:
         self.pid, self.started = pid, started
         self._view = file.words.view
         self._futex: Futex | None = None
-        self._depth: dict[int, int] = {}  # thread -> how deep it holds the turn
 
     def after_fork(self, pid: int, started: int) -> None:
-        """In a forked child: its own identity; the parent's threads hold nothing here."""
+        """In a forked child: its own identity."""
         self.pid, self.started = pid, started
-        self._depth = {}
 
-    @contextmanager
-    def held(self, what: str, timeout: float, cancel: Callable[[], bool] | None = None
-             ) -> Iterator[None]:
-        """Hold the turn for ``what``. TurnTimeout when its holder made no progress for
-        ``timeout`` seconds; Cancelled as soon as ``cancel()`` is true while it waits.
+    def ask(self, state: State, what: str, timeout: float) -> int:
+        """Under the lock: a ticket for ``what`` (see :func:`ask`)."""
+        return ask(state, self.pid, self.started, WHAT.index(what), timeout)
 
-        A thread that holds the turn already holds it again at once.
-        """
-        me = threads.get_ident()
-        if me in self._depth:
-            self._depth[me] += 1
-            try:
-                yield
-            finally:
-                self._depth[me] -= 1
+    def served(self, ticket: int) -> bool:
+        """Whether ``ticket`` holds the turn (one load, without the lock)."""
+        return bool(self._view[H.SERVING] == ticket)
+
+    def leave(self, state: State, ticket: int) -> int | None:
+        """Under the lock: done with ``ticket``; the ticket to :meth:`wake` once the lock is
+        released, if the turn moved."""
+        return leave(state, ticket)
+
+    def leave_alone(self, ticket: int, timeout: float) -> None:
+        """Done with ``ticket``, outside any lock hold of the caller's (an error unwinds it)."""
+        try:
+            with self.section("turn", max(timeout, 1.0)) as state:
+                moved = leave(state, ticket)
+        except LockTimeout:
+            # One store without the lock: the entry no longer names the ticket, so whoever
+            # waits passes the turn on from it once the lock can be had.
+            at = self._entry(ticket)
+            if self._view[at + Q.TICKET] == ticket:
+                self._view[at + Q.TICKET] = 0
             return
-        ticket = [self._ask(what, timeout)]  # a waiter passed over asks again: its new one
-        try:
-            self._wait(ticket, what, timeout, cancel)
-            self._depth[me] = 1
-            yield
-        finally:
-            self._depth.pop(me, None)
-            self._leave(ticket[0], timeout)
+        self.wake(moved)
 
-    def _ask(self, what: str, timeout: float) -> int:
-        try:
-            with self.section("turn", timeout) as state:
-                return ask(state, self.pid, self.started, WHAT.index(what), timeout)
-        except LockTimeout as exc:
-            raise TurnTimeout(f"gave up on the turn for {what}: {exc}") from None
-
-    def _wait(self, tickets: list[int], what: str, timeout: float,
-              cancel: Callable[[], bool] | None) -> None:
-        """Until ``tickets[0]`` is served (a ticket asked for again after a pass-over replaces
-        it there)."""
+    def wait(self, ticket: int, what: str, timeout: float,
+             cancel: Callable[[], bool] | None = None) -> int:
+        """Until ``ticket`` is served; the ticket that holds the turn then (a waiter passed
+        over asks again, at the back). TurnTimeout when the holder made no progress for
+        ``timeout`` seconds, Cancelled as soon as ``cancel()`` is true: the ticket given
+        up is then to be left, like a served one."""
         view, limit = self._view, int(timeout * 1e9)
         while True:
-            serving, ticket = view[H.SERVING], tickets[0]
+            serving = view[H.SERVING]
             if serving == ticket:
-                return
+                return ticket
             if serving > ticket:  # passed over while this process was stopped: to the back
-                self._leave(ticket, timeout)
-                tickets[0] = self._ask(what, timeout)
+                self.leave_alone(ticket, timeout)
+                ticket = self._ask_alone(what, timeout)
                 continue
             if cancel is not None and cancel():
-                raise Cancelled(what)
+                raise Cancelled(what, ticket)
             since, holder = view[H.SERVED_SINCE], self._holder(serving)
             if view[H.SERVING] != serving:
                 continue
@@ -147,12 +148,24 @@ class Turn:
             now = time.monotonic_ns()
             if now - since > limit:
                 if view[H.SERVING] == ticket:
-                    return
+                    return ticket
                 raise TurnTimeout(f"gave up on the turn for {what} in pid {self.pid} after "
                                   f"{timeout:.1f}s: {self.holder_name()} has held it for "
-                                  f"{(now - since) / 1e9:.1f}s", serving)
+                                  f"{(now - since) / 1e9:.1f}s", serving, ticket)
             deadline = min(now + int(CHECK * 1e9), since + limit + 1) / 1e9
             self._wake_on().wait(serving, ticket % 32, deadline)
+
+    def wake(self, ticket: int | None) -> None:
+        """Wake the waiter of ``ticket``, to which the turn moved (nothing for None)."""
+        if ticket is not None and ticket < self._view[H.NEXT_TICKET]:  # somebody waits for it
+            self._wake_on().wake(ticket % 32)
+
+    def _ask_alone(self, what: str, timeout: float) -> int:
+        try:
+            with self.section("turn", timeout) as state:
+                return self.ask(state, what, timeout)
+        except LockTimeout as exc:
+            raise TurnTimeout(f"gave up on the turn for {what}: {exc}") from None
 
     def _holder(self, serving: int) -> tuple[int, int] | None:
         """The pid and start time of the holder's entry, read without the lock; None when it
@@ -173,27 +186,8 @@ class Turn:
                 moved = pass_over(state, serving)
         except LockTimeout:
             return False
-        if moved is not None:
-            self._wake(moved)
+        self.wake(moved)
         return moved is not None
-
-    def _leave(self, ticket: int, timeout: float) -> None:
-        try:
-            with self.section("turn", max(timeout, 1.0)) as state:
-                moved = leave(state, ticket)
-        except LockTimeout:
-            # One store without the lock: the entry no longer names the ticket, so whoever
-            # waits passes the turn on from it once the lock can be had.
-            at = self._entry(ticket)
-            if self._view[at + Q.TICKET] == ticket:
-                self._view[at + Q.TICKET] = 0
-            return
-        if moved is not None:
-            self._wake(moved)
-
-    def _wake(self, ticket: int) -> None:
-        if ticket < self._view[H.NEXT_TICKET]:  # somebody waits for it
-            self._wake_on().wake(ticket % 32)
 
     def _wake_on(self) -> Futex:
         if self._futex is None:

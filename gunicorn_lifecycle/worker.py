@@ -75,7 +75,7 @@ class Worker:
         Until Gunicorn's worker installs its signal handlers (after ``post_fork``)
         it has its master's, and a TERM is lost: nothing here waits for a turn.
         """
-        self.tx.section("register", self._register, self.options.lock_timeout)
+        self.tx.run("register", self._register, self.options.lock_timeout)
         if self.index is not None:
             self.heartbeat.start()
 
@@ -90,14 +90,12 @@ class Worker:
         worker taken for lost meanwhile is marked too: it counts as booted when it
         comes back.
         """
-        if self._start_owed and self.index is not None:
-            self._start_owed = False
-            self.tx.deliver(WorkerStarted(self.index, self.pid, self.started, False,
-                                          self.options, self.server, self.worker),
+        if self.index is not None:
+            try:
+                self.tx.run("booted", self._start, self.options.lock_timeout, then=self._boot,
                             cancel=lambda: not self._serving())
-        if self._serving():
-            self.tx.deliver_all(self.tx.section("booted", self._boot,
-                                                self.options.lock_timeout))
+            finally:
+                self._start_owed = False
 
     def exit(self) -> None:
         """worker_exit: deliver ``worker_exit`` (counting itself), then free the slot.
@@ -112,10 +110,10 @@ class Worker:
             if self.index is None:
                 return  # never tracked: no slot was free, or the lock could not be had
             failed = _attempt(self.leadership.stop, self.index, self.token)
-            owed = self.tx.section("exit", self._leave, self.options.lock_timeout)
-            exit_failed = _attempt(self.tx.deliver_all, owed)  # delivered, whatever came before
+            # worker_exit is delivered, whatever came before; the slot freed, whatever it did
+            exit_failed = _attempt(self.tx.run, "exit", self._leave, self.options.lock_timeout,
+                                   self._release)
             failed = failed or exit_failed
-            self.tx.deliver_all(self.tx.section("exit", self._release, self.options.lock_timeout))
             if failed is not None:
                 raise failed  # on_error="raise", once the exit is complete
         finally:
@@ -174,8 +172,16 @@ class Worker:
         self.courier.run([("leadership", self._lead)])
         return True
 
+    def _start(self, state: State) -> list[Owed]:
+        """Its own ``worker_start`` (a worker lost before it is delivered keeps it: no
+        "resume")."""
+        if not self._start_owed or self.index is None:
+            return []
+        return [WorkerStarted(self.index, self.pid, self.started, False, self.options,
+                              self.server, self.worker)]
+
     def _boot(self, state: State) -> list[Owed]:
-        if self.index is None:
+        if self.index is None or not self._serving():  # stopped while it waited to start
             return []
         slot = state.slot(self.index)
         if not self._is_mine(slot) or slot.state == SlotState.FREE:
