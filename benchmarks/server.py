@@ -194,6 +194,16 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
+def cpu_exact(pid: int) -> float:
+    """CPU seconds of every thread of a process, to the nanosecond (``/proc/<pid>/task/*/
+    schedstat``: clock ticks are too coarse for a process that mostly sleeps)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            total += int((task / "schedstat").read_text().split()[0])
+    return total / 1e9
+
+
 def rss_bytes(pid: int) -> int:
     """Resident memory of a process (VmRSS in /proc/<pid>/status)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():

@@ -17,17 +17,21 @@
 from __future__ import annotations
 
 import json
+import signal
 import threading
 import time
 from pathlib import Path
 
+from gunicorn_lifecycle.layout import H
+
 from .load import request
 from .report import Budget, Row, Table, median
-from .server import Gunicorn, plugin_hooks
+from .server import Gunicorn, children, cpu_exact, plugin_hooks, state_words, wait_for
 
 WORKERS = 8
 EXIT_BUDGET = 1e-3
 CHURN_WORKERS, CHURN_SECONDS, CHURN_CALLBACK = 16, 20.0, 0.1
+WAITERS = 4
 
 RECORDER = '''\
 import json as _json, os as _os, time as _time
@@ -74,6 +78,7 @@ def run(workdir: Path, repeats: int, quick: bool) -> Table:
         bare.append(median(_exits(workdir / f"{repeat}-bare", sleep=0.0, bare=True)))
         gaps += _handover_gaps(workdir / f"{repeat}-handover")
     waits, overtaken = _churn(workdir / "churn", 5.0 if quick else CHURN_SECONDS)
+    waiting, idle = _waiting_cpu(workdir / "waiting", 2.0 if quick else 5.0)
     return Table(
         f"7. the turn: {WORKERS} worker_exits with callbacks at once; churn",
         [Row("worker_exit plugin time, median per worker (worst round)", max(plugin),
@@ -88,11 +93,15 @@ def run(workdir: Path, repeats: int, quick: bool) -> Table:
          Row("churn: wait for the turn, median", median(waits), None, "s"),
          Row("churn: wait for the turn, longest", max(waits), None, "s"),
          Row("churn: callbacks run before one that asked earlier", overtaken, None, "x",
-             Budget("value", 0))],
+             Budget("value", 0)),
+         Row("a waiter's CPU, share of one core (vs an idle worker's)", waiting, idle, "x")],
         [f"{repeats} rounds; plugin time: the worker_exit hook less its own callback, which "
          "records itself; baseline: bare Gunicorn running the same callback under a blocking "
          "flock, the same timer around it",
          f"handover: {WORKERS} exits with 20 ms callbacks, {repeats} rounds pooled",
+         f"waiter: {WAITERS} workers waiting for their worker_start turn behind a callback "
+         "that sleeps, their CPU over the window, against the idle workers of a bare "
+         "Gunicorn over the same window",
          f"churn: {CHURN_WORKERS} workers, max_requests = 1, every callback "
          f"{CHURN_CALLBACK:g} s, 8 clients; a wait runs from the hook's start to the "
          "callback's; run before one that asked more than 0.05 s earlier: overtook it"],
@@ -201,3 +210,33 @@ def _churn(directory: Path, seconds: float) -> tuple[list[float], int]:
     if len(runs) < CHURN_WORKERS:
         raise RuntimeError(f"only {len(runs)} callbacks under churn: {server.log_tail()}")
     return waits, overtaken
+
+
+def _waiting_cpu(directory: Path, seconds: float) -> tuple[float, float]:
+    """The CPU share of a worker waiting for its turn, and of an idle bare worker."""
+    record = directory.parent / "waiting.jsonl"
+    hooks = RECORDER.format(record=str(record)) + plugin_hooks(
+        directory / "lifecycle.state",
+        {"worker_start": "_callback('worker_start', 0.0)",
+         "master_ready": f"lambda event: (_write(kind='holding'), _time.sleep({seconds + 30!r}))"})
+    with Gunicorn(directory, workers=1, hooks=hooks) as server:
+        wait_for(lambda: record.exists() and "holding" in record.read_text(),
+                 "the first worker's master_ready callback holding the turn")
+        words = state_words(directory / "lifecycle.state")
+        holder = children(server.pid)
+        for waiters in range(1, WAITERS + 1):  # one at a time: signals do not queue
+            server.signal(signal.SIGTTIN)
+            wait_for(lambda: words[H.NEXT_TICKET] - words[H.SERVING] > waiters,  # noqa: B023
+                     f"{waiters} workers waiting for their turn")
+        share = _cpu_share([pid for pid in children(server.pid) if pid not in holder], seconds)
+    with Gunicorn(directory.parent / "idle", workers=WAITERS) as bare:
+        bare.ready()
+        idle = _cpu_share(children(bare.pid), seconds)
+    return share, idle
+
+
+def _cpu_share(pids: list[int], seconds: float) -> float:
+    """The median share of one core each of ``pids`` used over ``seconds``."""
+    before = {pid: cpu_exact(pid) for pid in pids}
+    time.sleep(seconds)  # the measured window, not a wait for a condition
+    return median((cpu_exact(pid) - before[pid]) / seconds for pid in pids)

@@ -68,6 +68,9 @@ class Locked(Protocol):
     mapping: Any
     words: Any
 
+    def verify(self) -> None: ...
+    def intact(self) -> bool: ...
+
 
 class StateLock:
     """Mutual exclusion over the state file, for every process and thread that uses it."""
@@ -96,6 +99,8 @@ class StateLock:
         try:
             view = self.file.words.view
             while True:
+                if not self.file.intact():  # before the mapping is touched
+                    self.file.verify()  # StateDamaged, saying what changed
                 seen = view[H.RELEASES]  # read before the try: a release after it changes it
                 if filelock.lock_descriptor(self.file.fd, blocking=False):
                     break
@@ -110,8 +115,9 @@ class StateLock:
                 filelock.unlock_descriptor(self.file.fd)
                 # Then a value no waiter has read yet: one that read the word before its try
                 # failed sleeps only while the word is unchanged.
-                view[H.RELEASES] = time.monotonic_ns()
-                self._sleeper().wake(0)
+                if self.file.intact():
+                    view[H.RELEASES] = time.monotonic_ns()
+                    self._sleeper().wake(0)
         finally:
             self._threads.release()
 

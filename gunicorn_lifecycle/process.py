@@ -24,6 +24,13 @@ def is_stopped(pid: int) -> bool:
     return fields is not None and fields[:1] in ([b"T"], [b"t"])
 
 
+def runs(pid: int, started: int) -> bool:
+    """Whether the recorded process runs, and is not stopped: one read of ``/proc``."""
+    fields = _stat(pid)
+    return (fields is not None and len(fields) >= 20 and fields[0] not in (b"Z", b"T", b"t")
+            and int(fields[19]) == started != 0)
+
+
 def _stat(pid: int) -> list[bytes] | None:
     """The fields of ``/proc/<pid>/stat`` from the third on (the state), or None if there is no
     such process."""

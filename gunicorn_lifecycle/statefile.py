@@ -132,9 +132,14 @@ class StateFile:
         descriptor number (the parent's description, with its locks, is not the child's)."""
         _replace(self.fd)
 
+    def intact(self) -> bool:
+        """Whether the file still has its size: a mapping may be touched (one past a truncated
+        file's end kills whoever touches it with SIGBUS). One bare system call."""
+        return os.lseek(self.fd, 0, os.SEEK_END) == self.size
+
     def verify(self) -> None:
         """Refuse to go on if the file changed under the mapping: its size, then its header."""
-        size = os.lseek(self.fd, 0, os.SEEK_END)  # the size, at the cost of a bare system call
+        size = os.lseek(self.fd, 0, os.SEEK_END)
         if size != self.size:
             change = "truncated" if size < self.size else "grown"
             raise StateDamaged(f"state file {self.path} was {change} from {self.size} to {size} "

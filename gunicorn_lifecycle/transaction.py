@@ -150,8 +150,8 @@ class Transactions:
         start stays out of the counts). A callback that raises under
         ``on_error="raise"`` ends its own delivery, not the run: the rest is done,
         then its error is raised. Without the turn an event is left as
-        :meth:`_without_turn` says; without the lock the run ends there, and what
-        it owes stays owed in the state, for a sweep.
+        :meth:`_without_turn` says; without the lock the run ends there with a
+        LockTimeout, and what it owes stays owed in the state, for a sweep.
         """
         steps: deque[Step] = deque() if plan is None else plan
         steps.extendleft([_Do(work), *([_Do(then)] if then is not None else [])][::-1])
@@ -177,8 +177,6 @@ class Transactions:
                         failed = failed or exc
                 elif steps and ticket:  # the next event waits for its turn
                     ticket = self._wait(steps, ticket, cancel)
-        except LockTimeout as exc:
-            self.log.error("gunicorn_lifecycle: %s", exc)
         finally:
             if ticket:
                 self.turn.leave_alone(ticket, timeout)

@@ -52,11 +52,11 @@ from contextlib import AbstractContextManager
 from .futex import Futex
 from .layout import QUEUE_WORDS, WHAT, H, Q, SlotState, entry_at, queue_at, queue_size
 from .lock import LockTimeout
-from .process import is_alive, is_stopped
+from .process import is_alive, is_stopped, runs
 from .state import State
 from .statefile import StateFile
 
-CHECK = 0.05  # how often a waiter looks whether the holder still lives, in seconds
+CHECK = 0.1  # how often a waiter looks whether the holder still lives, in seconds
 
 Section = Callable[[str, float], AbstractContextManager[State]]
 
@@ -117,7 +117,7 @@ class Turn:
             # One store without the lock: the entry no longer names the ticket, so whoever
             # waits passes the turn on from it once the lock can be had.
             at = self._entry(ticket)
-            if self._view[at + Q.TICKET] == ticket:
+            if self.file.intact() and self._view[at + Q.TICKET] == ticket:
                 self._view[at + Q.TICKET] = 0
             return
         self.wake(moved)
@@ -130,6 +130,7 @@ class Turn:
         up is then to be left, like a served one."""
         view, limit = self._view, int(timeout * 1e9)
         while True:
+            self.file.verify()  # before the mapping is touched (StateDamaged)
             serving = view[H.SERVING]
             if serving == ticket:
                 return ticket
@@ -142,8 +143,7 @@ class Turn:
             since, holder = view[H.SERVED_SINCE], self._holder(serving)
             if view[H.SERVING] != serving:
                 continue
-            gone = holder is None or not is_alive(*holder) or is_stopped(holder[0])
-            if gone and self._pass_over(serving, timeout):
+            if (holder is None or not runs(*holder)) and self._pass_over(serving, timeout):
                 continue
             now = time.monotonic_ns()
             if now - since > limit:
@@ -157,7 +157,7 @@ class Turn:
 
     def wake(self, ticket: int | None) -> None:
         """Wake the waiter of ``ticket``, to which the turn moved (nothing for None)."""
-        if ticket is not None and ticket < self._view[H.NEXT_TICKET]:  # somebody waits for it
+        if ticket is not None and self.file.intact() and ticket < self._view[H.NEXT_TICKET]:
             self._wake_on().wake(ticket % 32)
 
     def _ask_alone(self, what: str, timeout: float) -> int:

@@ -124,10 +124,12 @@ def test_make_run_serves_logs_events_and_stops_on_term(tmp_path: Path) -> None:
 
 
 def _snapshot(state_file: str) -> bytes:
-    """The whole file but what moves on its own: stamps, the sweep deadline, who locked last."""
+    """The whole file but what moves on its own: stamps, the sweep deadline, who locked last
+    and the lock's release word."""
     data = bytearray(Path(state_file).read_bytes())
     slots = layout.check_header(data, len(data), state_file)
-    moving = [layout.H.NEXT_SWEEP, layout.H.HOLDER_PID, layout.H.HOLDER_WHAT]
+    moving = [layout.H.NEXT_SWEEP, layout.H.HOLDER_PID, layout.H.HOLDER_WHAT,
+              layout.H.RELEASES]
     for at in [*moving, *(layout.slot_at(i) + layout.S.HEARTBEAT for i in range(slots))]:
         data[at * 8 : at * 8 + 8] = bytes(8)
     return bytes(data)
