@@ -18,10 +18,14 @@ from .events import Log
 class Heartbeat:
     """Calls ``beat`` every ``interval`` seconds until stopped."""
 
-    def __init__(self, interval: float, beat: Callable[[], None], log: Log) -> None:
+    def __init__(self, interval: float, beat: Callable[[], None], log: Log,
+                 sleep: Callable[[float], None] = threads.sleep) -> None:
+        """``sleep``: waits up to its argument in seconds, less when there is news to act on
+        at once (the worker was elected leader): the next beat comes then."""
         self._interval = interval
         self._beat = beat
         self._log = log
+        self._sleep = sleep
         self._stopped = False
 
     def start(self) -> None:
@@ -37,9 +41,8 @@ class Heartbeat:
         return self._stopped
 
     def _run(self) -> None:
-        # Each beat sleeps a whole interval after the previous one ended: a stamp is never
-        # older than interval plus one wake-up's latency, however slow a beat was.
-        sleep, interval, beat = threads.sleep, self._interval, self._beat
+        # Each beat sleeps (at most) a whole interval after the previous one ended.
+        sleep, interval, beat = self._sleep, self._interval, self._beat
         while True:
             sleep(interval)
             if self._stopped:

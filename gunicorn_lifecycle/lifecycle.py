@@ -20,6 +20,7 @@ that the process which found it never made.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import compress
 from typing import Any, Protocol
@@ -111,6 +112,7 @@ class WorkerStarted:
     options: Options
     server: Any
     worker: Any = None
+    taken: Callable[[], None] | None = None  # told, under the lock, when it takes effect
     callback: str = "worker_start"
 
     def take(self, state: State, tell: bool = True) -> Event | None:
@@ -120,6 +122,8 @@ class WorkerStarted:
                 or slot.state != SlotState.REGISTERED or slot.counted or gen is None):
             return None
         state.set_flags(self.index, slot.flags | Flag.COUNTED)
+        if self.taken is not None:
+            self.taken()
         reason = "resume" if self.resumed else "respawn" if gen.gone else "spawn"
         return event_of(state, gen, f"{gen.number}-{slot.pid}", slot.pid, reason, self, tell)
 
@@ -206,10 +210,12 @@ def lose(state: State, slot: Slot, reason: Reason, dead: bool, options: Options,
     return [WorkerLost(slot.index, slot.pid, slot.started, dead, options, server, worker)]
 
 
-def count_gone(state: State, number: int) -> None:
+def count_gone(state: State, number: int, change: int = 1) -> None:
+    """One more worker of generation ``number`` exited or was lost (for "respawn"), or one
+    less: a loss that never happened."""
     gen = state.generation(number)
     if gen is not None:
-        state.set_generation(gen.index, gone=gen.gone + 1)
+        state.set_generation(gen.index, gone=max(0, gen.gone + change))
 
 
 def exit_reason(state: State, gen: Generation, here: Here, master_alive: bool) -> Reason:

@@ -24,11 +24,12 @@ def is_stopped(pid: int) -> bool:
     return fields is not None and fields[:1] in ([b"T"], [b"t"])
 
 
-def runs(pid: int, started: int) -> bool:
-    """Whether the recorded process runs, and is not stopped: one read of ``/proc``."""
+def condition(pid: int, started: int) -> str:
+    """``"gone"``, ``"stopped"`` or ``"running"``: the recorded process, in one read of /proc."""
     fields = _stat(pid)
-    return (fields is not None and len(fields) >= 20 and fields[0] not in (b"Z", b"T", b"t")
-            and int(fields[19]) == started != 0)
+    if fields is None or len(fields) < 20 or fields[0] == b"Z" or int(fields[19]) != started:
+        return "gone"
+    return "stopped" if fields[0] in (b"T", b"t") else "running"
 
 
 def _stat(pid: int) -> list[bytes] | None:

@@ -28,11 +28,13 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
+from typing import cast
 
 from . import threads
 from .errors import LifecycleError
 from .events import CallbackFailed, Event, Log, run_callbacks
-from .layout import WHAT, H
+from .futex import Futex
+from .layout import WHAT, H, index_of
 from .leader import keep
 from .lifecycle import Owed
 from .lock import LockTimeout, StateLock
@@ -80,6 +82,7 @@ class Transactions:
         self._inside: set[int] = set()  # threads in bookkeeping now
         self._plan: deque[Step] | None = None  # perform's run under way
         self._told_frozen = 0  # the frozen holder a "stays owed" was logged for
+        self._leader_news: Futex | None = None
 
     def after_fork(self) -> None:
         """In a forked worker (whose descriptor was reopened at the fork, see
@@ -101,6 +104,7 @@ class Transactions:
         """
         me = threads.get_ident()
         said = ""
+        elected = None
         try:
             self._inside.add(me)
             with self.lock.hold(timeout, what, self._holder):
@@ -108,8 +112,11 @@ class Transactions:
                 self.state.words.repair()
                 self.state.set_header(H.HOLDER_PID, self.pid)
                 self.state.set_header(H.HOLDER_WHAT, WHAT.index(what))
+                leader = self.state.header(H.LEADER)
                 yield self.state
                 keep(self.state)
+                if self.state.header(H.LEADER) != leader:
+                    elected = index_of(self.state.header(H.LEADER))
                 if self.systemd is not None:
                     said = self.systemd.message(self.state, self.state.moments,
                                                 changed=what in CALLBACKS
@@ -118,6 +125,8 @@ class Transactions:
             notes, self.state.notes, self.state.moments = self.state.notes, [], []
             self.state.counts_changed = False
             try:
+                if elected is not None and self.file.intact():  # its beat comes now
+                    self.leader_news.wake(elected % 32)
                 for message, args in notes:
                     self.log.warning(message, *args)
                 if said and self.systemd is not None:
@@ -125,27 +134,41 @@ class Transactions:
             finally:  # a hook that a signal handler runs meanwhile is still deferred
                 self._inside.discard(me)
 
+    @property
+    def leader_news(self) -> Futex:
+        """The futex on the LEADER word: an elected worker's heartbeat sleeps on it."""
+        if self._leader_news is None:
+            self._leader_news = Futex(self.file.mapping, H.LEADER)
+        return self._leader_news
+
     def perform(self, what: str, work: Work, timeout: float) -> None:
         """:meth:`run`, for the hooks of a master's main thread, which a signal handler may
         enter again while a run is under way: then nothing nests (see the module)."""
         plan = self._plan
-        if plan is None:
-            self._plan = deque()
-            try:
-                self.run(what, work, timeout, plan=self._plan)
-            finally:
-                self._plan = None
-        elif threads.get_ident() in self._inside:  # inside a lock hold: right after its step
+        if plan is not None and threads.get_ident() in self._inside:  # right after its step
             plan.appendleft(_Do(work, last=True))
-        else:  # in a callback, or waiting for the turn: the bookkeeping now, the events later
+        elif plan is not None:  # in a callback, or waiting for the turn: bookkeeping now
             with self.bookkeeping(what, timeout) as state:
                 plan.extend(work(state))
+        else:
+            plan, first = deque(), work
+            while True:
+                self._plan = plan
+                try:
+                    self.run(what, first, timeout, plan=plan)
+                finally:
+                    self._plan = None
+                if not plan:
+                    return
+                first = _nothing  # what a signal handler added as the run ended: delivered
 
     def run(self, what: str, work: Work, timeout: float, then: Work | None = None,
             cancel: Callable[[], bool] | None = None, plan: deque[Step] | None = None) -> None:
         """Do ``work`` under the lock, deliver the events it owes in order, then do ``then``
         under the lock and deliver what that owes (see the module for the lock holds).
 
+        The turn is kept from one event to the next unless another thread waits
+        for it: then it is handed over, and asked for again, at the back.
         ``cancel``: an event whose wait for the turn it calls off is dropped (a
         start stays out of the counts). A callback that raises under
         ``on_error="raise"`` ends its own delivery, not the run: the rest is done,
@@ -155,17 +178,18 @@ class Transactions:
         """
         steps: deque[Step] = deque() if plan is None else plan
         steps.extendleft([_Do(work), *([_Do(then)] if then is not None else [])][::-1])
-        ticket, failed = 0, None
+        failed = None
+        used = [False]  # an event was delivered under this thread's ticket
         try:
-            while steps or ticket:
-                ready: tuple[Owed, Event] | None = None
+            while steps or self.turn.mine():
                 gave_up: list[tuple[Owed, TurnTimeout]] = []
-                moved = None
+                moved: list[int | None] = []
                 with self.bookkeeping(what, timeout) as state:
-                    ticket, ready = self._hold(state, steps, ticket, gave_up)
-                    if not steps and ready is None and ticket:  # all delivered: give it back
-                        moved, ticket = self.turn.leave(state, ticket), 0
-                self.turn.wake(moved)
+                    ready = self._hold(state, steps, used, gave_up, moved)
+                    if not steps and ready is None and self.turn.mine():  # all delivered
+                        moved.append(self.turn.leave(state))
+                for ticket in moved:
+                    self.turn.wake(ticket)
                 for owed, exc in gave_up:
                     self._without_turn(owed, exc)
                 if ready is not None:
@@ -175,18 +199,19 @@ class Transactions:
                                       event, owed.options.on_error, self.log)
                     except CallbackFailed as exc:
                         failed = failed or exc
-                elif steps and ticket:  # the next event waits for its turn
-                    ticket = self._wait(steps, ticket, cancel)
+                elif steps and not isinstance(steps[0], _Do | _Quietly):  # it waits its turn
+                    self._wait(steps, cancel)
+                    used[0] = False
         finally:
-            if ticket:
-                self.turn.leave_alone(ticket, timeout)
+            self.turn.leave_alone(timeout)
         if failed is not None:
             raise failed
 
-    def _hold(self, state: State, steps: deque[Step], ticket: int,
-              gave_up: list[tuple[Owed, TurnTimeout]]) -> tuple[int, tuple[Owed, Event] | None]:
-        """Under the lock: take ``steps`` as far as they go without waiting; the ticket held or
-        asked for, and the event whose callbacks run next, if any."""
+    def _hold(self, state: State, steps: deque[Step], used: list[bool],
+              gave_up: list[tuple[Owed, TurnTimeout]], moved: list[int | None]
+              ) -> tuple[Owed, Event] | None:
+        """Under the lock: take ``steps`` as far as they go without waiting; the event whose
+        callbacks run next, if any."""
         while steps:
             step = steps[0]
             if isinstance(step, _Do):
@@ -203,41 +228,44 @@ class Transactions:
                 state.counts_changed = True
                 continue
             callbacks = step.options.callbacks(step.callback)
-            if callbacks and not ticket:
+            if callbacks and used[0] and self.turn.others_wait(state):  # to the back
+                moved.append(self.turn.leave(state))
+                used[0] = False
+            if callbacks and not self.turn.mine():
                 try:
-                    ticket = self.turn.ask(state, step.callback, step.options.lock_timeout)
+                    self.turn.ask(state, step.callback, step.options.lock_timeout)
                 except TurnTimeout as exc:
                     steps.popleft()
                     gave_up.append((step, exc))
                     if _counted_without_turn(step):
                         steps.appendleft(_Quietly(step))
                     continue
-            if callbacks and not self.turn.served(ticket):
-                return ticket, None
+            if callbacks and not self.turn.served():
+                return None
             steps.popleft()
             event = step.take(state, tell=bool(callbacks))
             state.counts_changed = True
+            if callbacks:
+                self.turn.progress(state, step.callback)
+                used[0] = True
             if event is not None:
-                return ticket, (step, event)
-        return ticket, None
+                return step, event
+        return None
 
-    def _wait(self, steps: deque[Step], ticket: int, cancel: Callable[[], bool] | None) -> int:
-        """Wait for the turn for ``steps[0]``; the ticket served, or 0 when it was given up
-        (and the step left as :meth:`_without_turn` says)."""
-        owed = steps[0]
-        assert not isinstance(owed, _Do | _Quietly)
+    def _wait(self, steps: deque[Step], cancel: Callable[[], bool] | None) -> None:
+        """Wait for the turn for ``steps[0]``; given up, the step is left as
+        :meth:`_without_turn` says (a cancelled one is dropped)."""
+        owed = cast(Owed, steps[0])
         timeout = owed.options.lock_timeout
         try:
-            return self.turn.wait(ticket, owed.callback, timeout, cancel)
+            self.turn.wait(owed.callback, timeout, cancel)
         except (TurnTimeout, Cancelled) as exc:
-            given_up = exc.ticket if isinstance(exc, TurnTimeout) else int(exc.args[1])
-            self.turn.leave_alone(given_up, timeout)
+            self.turn.leave_alone(timeout)
             steps.popleft()
             if isinstance(exc, TurnTimeout):
                 self._without_turn(owed, exc)
                 if _counted_without_turn(owed):
                     steps.appendleft(_Quietly(owed))
-            return 0
 
     def _without_turn(self, owed: Owed, exc: TurnTimeout) -> None:
         """Say what an event without its turn leaves: an end is still counted, its callback
@@ -262,6 +290,10 @@ class Transactions:
         except LifecycleError:
             return "a process this one cannot name (the file changed under it)"
         return _named(self.state.header(H.HOLDER_PID), self.state.header(H.HOLDER_WHAT))
+
+
+def _nothing(state: State) -> list[Owed]:
+    return []
 
 
 def _counted_without_turn(owed: Owed) -> bool:

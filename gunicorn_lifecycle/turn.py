@@ -49,10 +49,23 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 
+from . import threads
 from .futex import Futex
-from .layout import QUEUE_WORDS, WHAT, H, Q, SlotState, entry_at, queue_at, queue_size
+from .layout import (
+    QUEUE_WORDS,
+    SLOT_WORDS,
+    SLOTS_AT,
+    WHAT,
+    H,
+    Q,
+    S,
+    SlotState,
+    entry_at,
+    queue_at,
+    queue_size,
+)
 from .lock import LockTimeout
-from .process import is_alive, is_stopped, runs
+from .process import condition, is_alive, is_stopped
 from .state import State
 from .statefile import StateFile
 
@@ -63,25 +76,26 @@ Section = Callable[[str, float], AbstractContextManager[State]]
 
 class TurnTimeout(Exception):
     """The turn was not had: its holder (the ticket ``holder``; 0: the lock could not be had)
-    made no progress for the timeout. ``ticket``: the one given up, to leave (0: none)."""
+    made no progress for the timeout."""
 
-    def __init__(self, message: str, holder: int = 0, ticket: int = 0) -> None:
+    def __init__(self, message: str, holder: int = 0) -> None:
         super().__init__(message)
         self.holder = holder
-        self.ticket = ticket
 
 
 class Cancelled(Exception):
-    """The wait for the turn was called off by the caller's ``cancel``; ``args[1]`` is the
-    ticket given up, to leave."""
+    """The wait for the turn was called off by the caller's ``cancel``."""
 
 
 class Turn:
-    """One process's way to the node-wide turn; any of its threads may wait at once.
+    """One process's way to the node-wide turn; any of its threads may hold or wait for it.
 
-    A caller asks and leaves within a lock hold of its own (``ask``, ``leave``: the
-    turn shares the hold with the caller's bookkeeping), waits outside any
+    A thread asks and leaves within lock holds of its own (``ask``, ``leave``:
+    the turn shares them with the caller's bookkeeping), waits outside any
     (``wait``), and wakes the next in line once its hold is over (``wake``).
+    Its ticket is recorded here before anything of it is written to the state,
+    so that whatever interrupts the thread (an exception a signal handler
+    raises) can still leave it (``leave_alone``).
     """
 
     def __init__(self, file: StateFile, section: Section, pid: int, started: int) -> None:
@@ -90,68 +104,96 @@ class Turn:
         self.pid, self.started = pid, started
         self._view = file.words.view
         self._futex: Futex | None = None
+        self._tickets: dict[int, int] = {}  # thread -> its ticket, asked for and not left
 
     def after_fork(self, pid: int, started: int) -> None:
-        """In a forked child: its own identity."""
+        """In a forked child: its own identity; the parent's threads hold nothing here."""
         self.pid, self.started = pid, started
+        self._tickets = {}
 
-    def ask(self, state: State, what: str, timeout: float) -> int:
-        """Under the lock: a ticket for ``what`` (see :func:`ask`)."""
-        return ask(state, self.pid, self.started, WHAT.index(what), timeout)
+    def mine(self) -> int:
+        """This thread's ticket (0: none)."""
+        return self._tickets.get(threads.get_ident(), 0)
 
-    def served(self, ticket: int) -> bool:
-        """Whether ``ticket`` holds the turn (one load, without the lock)."""
-        return bool(self._view[H.SERVING] == ticket)
+    def ask(self, state: State, what: str, timeout: float) -> None:
+        """Under the lock: a ticket for ``what`` (see :func:`ask`); TurnTimeout, without one,
+        when the holder is frozen."""
+        me = threads.get_ident()
+        self._tickets[me] = state.words.view[H.NEXT_TICKET]  # before the state has it
+        try:
+            ask(state, self.pid, self.started, WHAT.index(what), timeout)
+        except TurnTimeout:
+            del self._tickets[me]
+            raise
 
-    def leave(self, state: State, ticket: int) -> int | None:
-        """Under the lock: done with ``ticket``; the ticket to :meth:`wake` once the lock is
-        released, if the turn moved."""
-        return leave(state, ticket)
+    def served(self) -> bool:
+        """Whether this thread's ticket holds the turn (one load, without the lock)."""
+        return bool(self._view[H.SERVING] == self.mine() != 0)
 
-    def leave_alone(self, ticket: int, timeout: float) -> None:
-        """Done with ``ticket``, outside any lock hold of the caller's (an error unwinds it)."""
+    def others_wait(self, state: State) -> bool:
+        """Under the lock: whether a later ticket waits behind this thread's."""
+        return bool(state.words.view[H.NEXT_TICKET] > self.mine() + 1)
+
+    def progress(self, state: State, what: str) -> None:
+        """Under the lock, holding the turn: a callback for ``what`` runs next, so the holder
+        made progress (a waiter times the holder from here) and says what it runs."""
+        view = state.words.view
+        view[H.SERVED_SINCE] = time.monotonic_ns()
+        view[entry_at(state.slots, self.mine()) + Q.WHAT] = WHAT.index(what)
+
+    def leave(self, state: State) -> int | None:
+        """Under the lock: this thread is done with its ticket; the ticket to :meth:`wake`
+        once the lock is released, if the turn moved to one."""
+        ticket = self._tickets.pop(threads.get_ident(), 0)
+        return leave(state, ticket) if ticket else None
+
+    def leave_alone(self, timeout: float) -> None:
+        """This thread is done with its ticket, if it has one, outside any lock hold of its
+        own (a wait given up, an error unwinding)."""
+        ticket = self.mine()
+        if not ticket:
+            return
         try:
             with self.section("turn", max(timeout, 1.0)) as state:
-                moved = leave(state, ticket)
+                moved = self.leave(state)
         except LockTimeout:
             # One store without the lock: the entry no longer names the ticket, so whoever
-            # waits passes the turn on from it once the lock can be had.
+            # waits passes the turn on from it once the lock can be had. (Not passed over,
+            # the entry is this ticket's: an entry is reused only for a ticket served.)
+            self._tickets.pop(threads.get_ident(), None)
             at = self._entry(ticket)
-            if self.file.intact() and self._view[at + Q.TICKET] == ticket:
+            if (self.file.intact() and self._view[H.SERVING] <= ticket
+                    and self._view[at + Q.TICKET] == ticket):
                 self._view[at + Q.TICKET] = 0
             return
         self.wake(moved)
 
-    def wait(self, ticket: int, what: str, timeout: float,
-             cancel: Callable[[], bool] | None = None) -> int:
-        """Until ``ticket`` is served; the ticket that holds the turn then (a waiter passed
-        over asks again, at the back). TurnTimeout when the holder made no progress for
-        ``timeout`` seconds, Cancelled as soon as ``cancel()`` is true: the ticket given
-        up is then to be left, like a served one."""
+    def wait(self, what: str, timeout: float, cancel: Callable[[], bool] | None = None) -> None:
+        """Until this thread's ticket is served (a ticket passed over asks again, at the
+        back). TurnTimeout when the holder made no progress for ``timeout`` seconds,
+        Cancelled as soon as ``cancel()`` is true; the ticket is left to the caller."""
         view, limit = self._view, int(timeout * 1e9)
         while True:
             self.file.verify()  # before the mapping is touched (StateDamaged)
-            serving = view[H.SERVING]
+            serving, ticket = view[H.SERVING], self.mine()
             if serving == ticket:
-                return ticket
+                return
             if serving > ticket:  # passed over while this process was stopped: to the back
-                self.leave_alone(ticket, timeout)
-                ticket = self._ask_alone(what, timeout)
+                self.leave_alone(timeout)
+                self._ask_alone(what, timeout)
                 continue
             if cancel is not None and cancel():
-                raise Cancelled(what, ticket)
+                raise Cancelled(what)
             since, holder = view[H.SERVED_SINCE], self._holder(serving)
             if view[H.SERVING] != serving:
                 continue
-            if (holder is None or not runs(*holder)) and self._pass_over(serving, timeout):
+            if self._unfit(holder) and self._pass_over(serving, timeout):
                 continue
             now = time.monotonic_ns()
-            if now - since > limit:
-                if view[H.SERVING] == ticket:
-                    return ticket
+            if now - since > limit and self._frozen(serving, timeout):
                 raise TurnTimeout(f"gave up on the turn for {what} in pid {self.pid} after "
                                   f"{timeout:.1f}s: {self.holder_name()} has held it for "
-                                  f"{(now - since) / 1e9:.1f}s", serving, ticket)
+                                  f"{(now - since) / 1e9:.1f}s", serving)
             deadline = min(now + int(CHECK * 1e9), since + limit + 1) / 1e9
             self._wake_on().wait(serving, ticket % 32, deadline)
 
@@ -160,10 +202,35 @@ class Turn:
         if ticket is not None and self.file.intact() and ticket < self._view[H.NEXT_TICKET]:
             self._wake_on().wake(ticket % 32)
 
-    def _ask_alone(self, what: str, timeout: float) -> int:
+    def _unfit(self, holder: tuple[int, int] | None) -> bool:
+        """Whether the holder may have to be passed over, judged without the lock (which
+        confirms it): its entry gone, its process dead, or stopped with a slot a sweep found
+        lost. A stopped holder costs its waiters one read of /proc and of three columns."""
+        if holder is None:
+            return True
+        now = condition(*holder)
+        if now != "stopped":
+            return now == "gone"
+        view = self._view
+        return any((view[at + S.PID], view[at + S.STARTED], view[at + S.STATE]) == (
+            *holder, SlotState.LOST) for at in range(SLOTS_AT, SLOTS_AT + self.file.slots *
+                                                    SLOT_WORDS, SLOT_WORDS))
+
+    def _frozen(self, serving: int, timeout: float) -> bool:
+        """Under the lock, before a waiter gives up: whether ``serving`` still holds the turn
+        and has held it past ``timeout`` (what was read without the lock may be stale)."""
         try:
             with self.section("turn", timeout) as state:
-                return self.ask(state, what, timeout)
+                view = state.words.view
+                return bool(view[H.SERVING] == serving and time.monotonic_ns()
+                            - view[H.SERVED_SINCE] > timeout * 1e9)
+        except LockTimeout:
+            return True
+
+    def _ask_alone(self, what: str, timeout: float) -> None:
+        try:
+            with self.section("turn", timeout) as state:
+                self.ask(state, what, timeout)
         except LockTimeout as exc:
             raise TurnTimeout(f"gave up on the turn for {what}: {exc}") from None
 
@@ -202,8 +269,8 @@ class Turn:
 
 
 def ask(state: State, pid: int, started: int, what: int, timeout: float) -> int:
-    """A new ticket for the thread of ``pid``; TurnTimeout, without one, if the holder is
-    frozen (it has held the turn for longer than ``timeout``)."""
+    """A new ticket for the thread of ``pid``, the header's NEXT_TICKET; TurnTimeout, without
+    one, if the holder is frozen (it has held the turn for longer than ``timeout``)."""
     view, size = state.words.view, queue_size(state.slots)
     serving, ticket = view[H.SERVING], view[H.NEXT_TICKET]
     now = time.monotonic_ns()
@@ -231,7 +298,9 @@ def leave(state: State, ticket: int) -> int | None:
     view, at = state.words.view, entry_at(state.slots, ticket)
     if view[at + Q.TICKET] == ticket:
         view[at + Q.TICKET] = 0
-    return advance(state, ticket) if view[H.SERVING] == ticket else None
+    if view[H.SERVING] == ticket < view[H.NEXT_TICKET]:  # issued, and holding: hand it over
+        return advance(state, ticket)
+    return None
 
 
 def pass_over(state: State, serving: int) -> int | None:

@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from . import threads
 from .errors import LifecycleError, StateDamaged
 from .events import CallbackFailed
 from .heartbeat import Heartbeat
@@ -53,7 +54,7 @@ class Worker:
         self.index: int | None = None
         self.token = 0
         self.aborted = False  # Gunicorn's worker_abort ran: its exit is a loss ("timeout")
-        self.heartbeat = Heartbeat(options.interval, self.beat, self.log)
+        self.heartbeat = Heartbeat(options.interval, self.beat, self.log, self._until_news)
         self.courier = Courier(transactions, self.log)
         self._serving = serving
         self._withdrawn = False  # it found it no longer serves, and withdrew from leadership
@@ -68,6 +69,7 @@ class Worker:
         self._untracked = False
         self._leaving = False
         self._start_owed = False  # registered, its worker_start not yet delivered (nor given up)
+        self._was_counted = False  # its start or resume took effect (under the lock)
 
     def start(self) -> None:
         """post_fork: register and start beating; no callback runs here.
@@ -152,6 +154,16 @@ class Worker:
         except LifecycleError as exc:  # the file was overwritten: nothing here can be trusted
             self._stop(exc)
 
+    def _until_news(self, seconds: float) -> None:
+        """The heartbeat's sleep: ``seconds``, or until the leader word changes and this
+        worker's slot is woken for it (it was elected: its ``leader_start`` comes at once, not
+        an interval later; see :meth:`Transactions.bookkeeping`)."""
+        index, deadline = self.index, time.monotonic() + seconds
+        if index is None or _lseek(self._fd, 0, _SEEK_END) != self._size:
+            threads.sleep(seconds)
+            return
+        self.tx.leader_news.wait(self._view[_LEADER], index % 32, deadline)
+
     def _stop(self, why: LifecycleError) -> None:
         self.heartbeat.stop()
         self.log.error("gunicorn_lifecycle: %s; the heartbeat of worker %s stops, the lifecycle "
@@ -178,7 +190,12 @@ class Worker:
         if not self._start_owed or self.index is None:
             return []
         return [WorkerStarted(self.index, self.pid, self.started, False, self.options,
-                              self.server, self.worker)]
+                              self.server, self.worker, self._counted)]
+
+    def _counted(self) -> None:
+        """Under the lock: its start (or resume) took effect: it counts from now on, so a
+        loss delivered later is told, and its return is a "resume"."""
+        self._start_owed, self._was_counted = False, True
 
     def _boot(self, state: State) -> list[Owed]:
         if self.index is None or not self._serving():  # stopped while it waited to start
@@ -253,20 +270,22 @@ class Worker:
                              "stopped, and its generation %s has closed since; it serves "
                              "untracked", self.pid, self.generation)
             return []
-        owed_loss = slot.state == SlotState.REGISTERED or slot.counted
+        # Told to nobody: its loss was never delivered (or cut short), or it did not count when
+        # it was lost (its start had not taken effect, or was given up): it never happened.
+        untold = slot.state == SlotState.REGISTERED or slot.counted or not self._was_counted
         self._own(state, index, registered=True)
         # Back, it may complete its generation's readiness (it booted while it was lost).
         ready = ready_if_complete(state, self.generation, self.options, self.server, self.worker)
-        if owed_loss:  # the loss was never delivered (or cut short): it never happened
+        if untold:
             if slot.state == SlotState.LOST:
                 state.tally(H.LOST_TALLY, slot.reason, -1)
+                count_gone(state, slot.generation, -1)
             return ready
         self.log.warning("gunicorn_lifecycle: worker %s was counted as lost (its heartbeat "
                          "overran) but is alive; registered again", self.pid)
-        if self._start_owed:  # lost before it started: its own start is still to come
-            return ready
+        self._was_counted = False  # its loss was delivered: it counts again once resumed
         return [WorkerStarted(index, self.pid, self.started, True, self.options, self.server,
-                              self.worker), *ready]
+                              self.worker, self._counted), *ready]
 
     def _leave(self, state: State) -> list[Owed]:
         assert self.index is not None

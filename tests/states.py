@@ -68,9 +68,9 @@ def turn_held(state_file: str) -> Iterator[None]:
 
     transactions = Transactions(open_for_server(state_file, 1), logging.getLogger("test"))
     with transactions.bookkeeping("turn", 60.0) as state:
-        ticket = transactions.turn.ask(state, "turn", 60.0)
-    ticket = transactions.turn.wait(ticket, "turn", 60.0)
+        transactions.turn.ask(state, "turn", 60.0)
+    transactions.turn.wait("turn", 60.0)
     try:
         yield
     finally:
-        transactions.turn.leave_alone(ticket, 60.0)
+        transactions.turn.leave_alone(60.0)

@@ -279,3 +279,27 @@ def test_a_slow_holder_of_the_turn_keeps_it(server: Make) -> None:
     s.stop()
     check_leaders(s.events())
     check_record(s.events())
+
+
+def test_a_killed_leader_is_replaced_within_a_second_at_any_interval(server: Make) -> None:
+    """Its master reaps it; the successor's heartbeat is woken for its election, so its
+    leader_start does not wait for its next beat (ten seconds here)."""
+    s, first = with_leader(server, 3, interval=10.0, failed=5.0)
+    killed = time.monotonic()
+    os.kill(first["pid"], signal.SIGKILL)
+    second = started(s, first["term"])
+    assert second["t"] - killed < 1.0 + SLACK, f"replaced after {second['t'] - killed:.2f}s"
+    s.stop()
+    check_leaders(s.events(), vanished={first["pid"]})
+
+
+def test_leadership_moves_within_a_second_of_leader_stop_across_a_reload(server: Make) -> None:
+    s, first = with_leader(server, 2, interval=10.0, failed=5.0)
+    s.signal(signal.SIGHUP)  # the old workers stop once the new generation's have booted
+    (stop,) = s.wait_count("leader_stop", 1, timeout=30)
+    second = started(s, first["term"], timeout=30)
+    assert stop["reason"] == "exit" and second["t"] - stop["t"] < 1.0 + SLACK, (stop, second)
+    assert second["generation"] > first["generation"], "the newest ready generation leads"
+    s.stop()
+    check_leaders(s.events())
+    check_record(s.events())
