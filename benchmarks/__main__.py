@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
-from . import deploy, heartbeat, hook_latency, memory, sweep, throughput, turn
+from . import deploy, heartbeat, hook_latency, leadership, memory, sweep, throughput, turn
 from .report import Table
 
 # Each takes a work directory, the number of repeats, and whether this is a quick run.
@@ -26,6 +26,7 @@ BENCHMARKS: dict[str, Callable[[Path, int, bool], Table]] = {
     "memory": memory.run,
     "deploy": deploy.run,
     "turn": turn.run,
+    "leadership": leadership.run,
     "breakdown": heartbeat.breakdown,
 }
 DEFAULT = [name for name in BENCHMARKS if name != "breakdown"]  # a study: --only breakdown

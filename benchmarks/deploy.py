@@ -18,6 +18,7 @@ compile every module at every probe).
 from __future__ import annotations
 
 import compileall
+import os
 import signal
 import subprocess
 import sys
@@ -119,6 +120,7 @@ def run(workdir: Path, repeats: int, quick: bool) -> Table:
             Row(f"{how}: duration", median(durations[(how, "plugin")]),
                 median(durations[(how, "bare")]), "s"),
         ]
+    rows += _edges(workdir / "edges")
     rows.append(_check(workdir / "check", 1 if quick else 21))
     return Table(
         "6. deploys under load, and the health probe",
@@ -129,9 +131,67 @@ def run(workdir: Path, repeats: int, quick: bool) -> Table:
          "ended",
          f"baseline: bare Gunicorn by hand (USR2, sleep {SLEEP:g} s, TERM; HUP, sleep "
          f"{SLEEP:g} s); failed requests summed over the deploys",
+         "edges: upgrade twice in a row (exit 0 both), to a release whose /healthz answers 500 "
+         "(warmup, exit 1 rolled back), and one whose new master is killed while its workers "
+         "boot (exit 1 rolled back), under the same load; expected: what each says it did",
          "check: median wall time of `gunicorn-lifecycle check` on a ready instance (bytecode "
          "compiled, as installed), against `python -c pass` (the interpreter's own start)"],
     )
+
+
+def _edges(directory: Path) -> list[Row]:
+    """The deploys an orchestrator meets at the edges, one server, under load."""
+    broken, slow = directory.parent / "broken", directory.parent / "slow-boot"
+    os.environ.update(BENCH_BROKEN=str(broken), BENCH_SLOW_BOOT=str(slow))
+    state = directory / "lifecycle.state"
+    hooks = plugin_hooks(state, {"warmup": "'/healthz'"}, interval=0.5, failed=1.0)
+    outcomes: list[tuple[str, bool, int]] = []
+    with Gunicorn(directory, workers=WORKERS, hooks=hooks, app="benchmarks.health_app:app"
+                  ) as server:
+        server.ready()
+        load = Load(server.socket)
+        try:
+            for _ in range(2):
+                done = _upgrade(state)
+                outcomes.append(("upgrade twice in a row", done.returncode == 0 and
+                                 done.stdout.startswith("upgraded: "), done.returncode))
+            broken.touch()
+            done = _upgrade(state)
+            outcomes.append(("upgrade to a release whose /healthz answers 500",
+                             done.returncode == 1 and "rolled back: " in done.stderr,
+                             done.returncode))
+            broken.unlink()
+            slow.write_text("30")
+            upgrading = subprocess.Popen([LIFECYCLE, "upgrade", "--state", str(state),
+                                          "--timeout", "60"], stdout=subprocess.PIPE,
+                                         stderr=subprocess.PIPE, text=True)
+            old = _newest(state)
+            new = wait_for(lambda: (pid := _newest(state)) != old and pid,
+                           "the new master's generation open", 30)
+            os.kill(new, signal.SIGKILL)  # while its workers boot
+            _, err = upgrading.communicate(timeout=60)
+            outcomes.append(("upgrade whose new master is killed while booting",
+                             upgrading.returncode == 1 and "rolled back: " in err,
+                             upgrading.returncode))
+        finally:
+            slow.unlink(missing_ok=True)
+            stopped = load.stop()
+    rows = [Row(f"edges: {what}: exit {code}, as expected", int(expected), None, "x",
+                Budget("value", 1, at_least=True)) for what, expected, code in outcomes]
+    return [*rows, Row("edges: failed requests", stopped.failed, None, "x", Budget("value", 0))]
+
+
+def _upgrade(state: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([LIFECYCLE, "upgrade", "--state", str(state), "--timeout", "60"],
+                          capture_output=True, text=True, timeout=120)
+
+
+def _newest(state: Path) -> int:
+    from gunicorn_lifecycle.deploy import newest
+    from gunicorn_lifecycle.status import read_status
+
+    gen = newest(read_status(str(state)))
+    return int(gen["master_pid"]) if gen else 0
 
 
 def _check(directory: Path, repeats: int) -> Row:

@@ -72,11 +72,11 @@ on_exit = gunicorn_lifecycle.on_exit
 '''
 
 
-def plugin_hooks(state_file: Path, callbacks: dict[str, str] | None = None,
+def plugin_hooks(state_file: Path, code: dict[str, str] | None = None,
                  **options: float) -> str:
-    """Config lines wiring gunicorn_lifecycle as the README says; ``callbacks``: the code of
-    each callback to configure (none by default)."""
-    given = "".join(f"{name}={code}, " for name, code in (callbacks or {}).items())
+    """Config lines wiring gunicorn_lifecycle as the README says; ``code``: more arguments of
+    configure(), each as the code of its value (callbacks: none by default)."""
+    given = "".join(f"{name}={value}, " for name, value in (code or {}).items())
     return PLUGIN_HOOKS.format(callbacks=given, options={"state_file": str(state_file),
                                                          **options})
 

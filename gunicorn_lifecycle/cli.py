@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,23 +31,76 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    deadline = time.monotonic() + getattr(args, "timeout", 0.0)
+    steps = Steps(quiet=getattr(args, "quiet", False))
     try:
         if args.command == "status":
             return status(args)
-        path = one_instance(args)
+        # A server just started may not have made its state file yet: wait waits for it.
+        path = appeared(args, deadline, steps) if args.command == "wait" else one_instance(args)
         open_for_reading(path).close()  # a file that cannot be used is bad usage, before a signal
     except LifecycleError as exc:
+        steps.done()
         progress(str(exc))
         return 2
-    instance = deploy.Instance(path, progress if sys.stderr.isatty() else lambda line: None)
+    instance = deploy.Instance(path, steps)
     try:
         if args.command == "wait":
-            message = deploy.wait(instance, args.timeout, args.closed)
+            message = deploy.wait(instance, args.timeout, args.closed, deadline)
+        elif args.command == "check":
+            message = deploy.check(instance, args.timeout, args.mode)
         else:
             message = getattr(deploy, args.command)(instance, args.timeout)
     except deploy.Failed as exc:
+        steps.done()
         return report(args, path, False, str(exc))
+    steps.done()
     return report(args, path, True, message)
+
+
+def appeared(args: argparse.Namespace, deadline: float, steps: Steps) -> str:
+    """The instance to wait for, waiting (up to ``deadline``) for its state file to exist."""
+    said = False
+    while True:
+        try:
+            path = one_instance(args)
+            if os.path.exists(path):
+                return path
+        except LifecycleError:  # no instance found yet, by discovery
+            if time.monotonic() >= deadline:
+                raise
+            path = ""
+        if time.monotonic() >= deadline:
+            return path  # its absence is then said, as bad usage
+        if not said:
+            steps(f"waiting for the state file {path or 'of an instance'} to be made")
+            said = True
+        time.sleep(deploy.POLL)
+
+
+class Steps:
+    """Progress on stderr: a live line on a terminal, one plain line per step elsewhere (under
+    systemd, in CI), none with ``quiet``."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.live = sys.stderr.isatty()
+        self._shown = False
+
+    def __call__(self, line: str) -> None:
+        if self.quiet:
+            return
+        if self.live:
+            print(f"\r\x1b[Kgunicorn-lifecycle: {line}", end="", file=sys.stderr, flush=True)
+            self._shown = True
+        else:
+            progress(line)
+
+    def done(self) -> None:
+        """End the live line, if one was shown, before the outcome is printed."""
+        if self._shown:
+            print(file=sys.stderr, flush=True)
+            self._shown = False
 
 
 def parser() -> argparse.ArgumentParser:
@@ -68,8 +123,9 @@ def parser() -> argparse.ArgumentParser:
         ("reload", "HUP to the newest master; wait until the new generation is ready and the "
                    "one it superseded closed"),
         ("wait", "wait until the newest generation is ready (--closed: until none is open)"),
-        ("check", "exit 0 if the newest generation's master runs, it is ready and its "
-                  "heartbeats are fresh; else 1 with the reason (a health probe)"),
+        ("check", "readiness probe: exit 0 while some open generation is ready, its master "
+                  "alive and its heartbeats fresh (during an upgrade the old one serves); "
+                  "else 1 with the reason"),
     ):
         command = commands.add_parser(name, help=text, description=text[0].upper() + text[1:] +
                                       ".")
@@ -77,12 +133,23 @@ def parser() -> argparse.ArgumentParser:
         if name == "check":  # a probe answers at once, unless told it may wait
             command.add_argument("--timeout", type=not_negative, default=0.0, metavar="SECONDS",
                                  help="wait up to this long for a healthy state (default: 0)")
+            mode = command.add_mutually_exclusive_group()
+            mode.add_argument("--newest", dest="mode", action="store_const", const="newest",
+                              default="ready", help="the deploy is done: exit 0 when the newest "
+                                                    "generation is ready")
+            mode.add_argument("--alive", dest="mode", action="store_const", const="alive",
+                              help="liveness probe: exit 0 while the newest master lives and "
+                                   "its workers beat, ready or not")
         else:
             command.add_argument("--timeout", type=positive, default=120.0, metavar="SECONDS",
                                  help="longest wait for each step (default: 120)")
+            command.add_argument("--quiet", action="store_true",
+                                 help="no progress on stderr (by default: a live line on a "
+                                      "terminal, one plain line per step elsewhere)")
         if name == "wait":
             command.add_argument("--closed", action="store_true",
-                                 help="wait until no generation is open (the server stopped)")
+                                 help="wait until no generation is open (the server stopped); "
+                                      "a state file not made yet is waited for too")
     return top
 
 

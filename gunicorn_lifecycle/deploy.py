@@ -23,6 +23,7 @@ Report = dict[str, Any]
 Generation = dict[str, Any]
 Progress = Callable[[str], None]
 POLL = 0.05
+RESEND = 1.0  # seconds without a new master process after USR2 before it is sent again
 
 
 class Failed(Exception):
@@ -78,11 +79,6 @@ def is_open(report: Report, number: int) -> bool:
     return any(g["generation"] == number and g["open"] for g in report["generations"])
 
 
-def has_open(report: Report, master: int) -> bool:
-    """Whether a generation of ``master`` is open (closed: by it, or by whoever found it dead)."""
-    return any(g["open"] and g["master_pid"] == master for g in report["generations"])
-
-
 def serving(report: Report, master: int) -> list[Generation]:
     """The open generations of ``master``, while it lives."""
     return [g for g in report["generations"]
@@ -124,8 +120,9 @@ def ready(instance: Instance, master: int, deadline: float) -> Generation:
 
 
 def closed(instance: Instance, master: int, deadline: float, awaited: str) -> None:
-    """Wait until no generation of ``master`` is open."""
-    instance.until(lambda r: not has_open(r, master), deadline, awaited)
+    """Wait until ``master`` serves no generation: it closed them, or it died (whoever finds
+    it dead closes them, with their callbacks; a dead master serves nobody meanwhile)."""
+    instance.until(lambda r: not serving(r, master), deadline, awaited)
 
 
 def successor(master: int) -> int | None:
@@ -183,16 +180,38 @@ def upgrade(instance: Instance, timeout: float) -> str:
 
 
 def start_successor(instance: Instance, old: int, deadline: float, timeout: float) -> int:
-    """USR2 to ``old``; the new master's pid, once its generation is open in this state file."""
+    """USR2 to ``old``; the new master's pid, once its generation is open in this state file.
+
+    Gunicorn ignores a USR2 to a master that a USR2 started until it has found
+    its parent gone and promoted itself (up to a second after): the signal is
+    sent again while no new master process exists, and that is said.
+    """
     highest = max(g["generation"] for g in instance.read()["generations"])
     instance.signal(old, signal.SIGUSR2)
     instance.progress(f"USR2 sent to master {old}; waiting for the new master")
+    sent, forked = [time.monotonic()], [0]
 
     def started(report: Report) -> int | None:
         if not serving(report, old):
             raise Failed(f"master {old} exited during the upgrade")
-        return next((g["master_pid"] for g in report["generations"] if g["generation"] > highest
-                     and g["parent_pid"] == old and g["master_pid"] != old), None)
+        found = next((g["master_pid"] for g in report["generations"]
+                      if g["generation"] > highest and g["parent_pid"] == old
+                      and g["master_pid"] != old), None)
+        if found is not None:
+            return int(found)
+        child = successor(old)
+        if child is not None:
+            forked[0] = child
+        elif forked[0]:  # it was started, and is gone before it opened its generation
+            raise Failed(f"rolled back: the new master {forked[0]} exited before it opened "
+                         "a generation (see the master's log)")
+        elif time.monotonic() - sent[0] > RESEND:
+            instance.progress(f"master {old} ignored USR2 (Gunicorn ignores it until it has "
+                              "promoted a master started by USR2, up to a second after its "
+                              "parent exited): sent again")
+            instance.signal(old, signal.SIGUSR2)
+            sent[0] = time.monotonic()
+        return None
 
     try:
         new: int = instance.until(started, deadline, "a new master")
@@ -216,8 +235,8 @@ def roll_back(instance: Instance, old: int, new: int, why: str, timeout: float) 
     if serving(instance.read(), new):
         instance.progress(f"{why}; TERM to the new master {new}")
         instance.signal(new, signal.SIGTERM)
-    try:
-        instance.until(lambda r: not has_open(r, new)
+    try:  # a dead new master is known dead at once (its presence lock is gone)
+        instance.until(lambda r: not serving(r, new)
                        and (newest(r) or {}).get("master_pid") == old,
                        time.monotonic() + timeout, "the old generation newest again")
     except TimeoutError:
@@ -256,10 +275,12 @@ def reload(instance: Instance, timeout: float) -> str:
             f"{closing} closed")
 
 
-def wait(instance: Instance, timeout: float, until_closed: bool = False) -> str:
+def wait(instance: Instance, timeout: float, until_closed: bool = False,
+         deadline: float | None = None) -> str:
     """Wait until the newest generation is ready, or (``until_closed``) none is open (a
-    generation whose master died counts as closed: it serves nobody)."""
-    deadline = time.monotonic() + timeout
+    generation whose master died counts as closed: it serves nobody). ``deadline``: when the
+    ``timeout`` given began earlier (the wait for the state file to be made)."""
+    deadline = time.monotonic() + timeout if deadline is None else deadline
     try:
         if until_closed:
             instance.until(lambda r: newest(r) is None, deadline, "every generation closed")
@@ -279,34 +300,83 @@ def describe(report: Report) -> str:
     return f"generation {gen['generation']} (master {gen['master_pid']}) is open and {state}"
 
 
-def check(instance: Instance, timeout: float = 0.0) -> str:
-    """Healthy: the newest generation's master lives, it is ready, and its live workers'
-    heartbeats are fresh. ``timeout``: how long it may take to get there."""
+def check(instance: Instance, timeout: float = 0.0, mode: str = "ready") -> str:
+    """The health probe (see :func:`health`); ``timeout``: how long it may take to get
+    there."""
     deadline = time.monotonic() + timeout
     while True:
         try:
-            return health(instance.read(), instance.path)
+            return health(instance.read(), instance.path, mode)
         except Failed:
             if time.monotonic() >= deadline:
                 raise
         time.sleep(POLL)
 
 
-def health(report: Report, path: str) -> str:
+def health(report: Report, path: str, mode: str = "ready") -> str:
+    """Three questions (SPEC section 7), each answered with one line:
+
+    - ``"ready"`` (a readiness probe): some open generation is ready, its master
+      alive and its heartbeats fresh; during an upgrade or a reload the old one
+      serves until the new one is ready;
+    - ``"newest"`` (a deploy is done): the newest generation is, itself;
+    - ``"alive"`` (a liveness probe): the newest master lives and its workers
+      beat, ready or not (a long boot is no reason to kill it).
+
+    Failed, with the reason, otherwise.
+    """
     gen = newest(report, alive=False)
     if gen is None:
         raise Failed(f"no generation is open in {path}: no server runs")
+    if mode == "alive":
+        return _alive(gen)
+    if mode == "newest":
+        return _serves(gen)
+    candidates = sorted((g for g in report["generations"] if g["open"]),
+                        key=lineage, reverse=True)
+    reasons = []
+    for candidate in candidates:
+        try:
+            line = _serves(candidate)
+        except Failed as why:
+            reasons.append(str(why))
+            continue
+        if candidate is not gen:
+            line += f"; {reasons[0]}"  # the newest one, booting
+        return line
+    raise Failed(reasons[0])
+
+
+def _serves(gen: Generation) -> str:
+    """ok when ``gen`` is ready, its master alive and its live workers' heartbeats fresh."""
     where = f"generation {gen['generation']}"
     if gen["master_alive"] is False:
         raise Failed(f"{where}: its master {gen['master_pid']} is not running")
     if not gen["ready"]:
         raise Failed(f"{where} is not ready ({booted(gen)})")
-    workers = [w for w in gen["workers"] if not w["lost"]]
+    workers = _beating(gen)
     if not workers:
         raise Failed(f"{where} has no live worker")
-    late = [w for w in workers if w["late"]]
-    if late:
-        raise Failed(f"{where}: the heartbeat of worker {late[0]['pid']} is "
-                     f"{late[0]['heartbeat_age']:.1f}s old")
     return (f"ok: {where} (master {gen['master_pid']}) is ready, {len(workers)} workers, "
             "heartbeats fresh")
+
+
+def _alive(gen: Generation) -> str:
+    """ok when ``gen``'s master lives and its live workers' heartbeats are fresh."""
+    where = f"generation {gen['generation']}"
+    if gen["master_alive"] is False:
+        raise Failed(f"{where}: its master {gen['master_pid']} is not running")
+    workers = _beating(gen)
+    state = "ready" if gen["ready"] else f"starting, {booted(gen)}"
+    return (f"ok: {where} (master {gen['master_pid']}) is alive ({state}), {len(workers)} "
+            "workers beating")
+
+
+def _beating(gen: Generation) -> list[dict[str, Any]]:
+    """The live workers of ``gen``; Failed when the heartbeat of one of them is late."""
+    workers = [w for w in gen["workers"] if not w["lost"]]
+    late = [w for w in workers if w["late"]]
+    if late:
+        raise Failed(f"generation {gen['generation']}: the heartbeat of worker "
+                     f"{late[0]['pid']} is {late[0]['heartbeat_age']:.1f}s old")
+    return workers

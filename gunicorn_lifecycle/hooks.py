@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
 from typing import Any
@@ -70,6 +70,7 @@ def configure(
     on_error: OnError = "log",
     slots: int = 256,
     systemd: SystemdMode = "auto",
+    warmup: str | Callable[[Any], object] | None = None,
 ) -> None:
     """Set the callbacks and options; call it once from ``gunicorn.conf.py``.
 
@@ -91,7 +92,7 @@ def configure(
          "worker_start": worker_start, "worker_exit": worker_exit, "worker_lost": worker_lost,
          "leader_start": leader_start, "leader_stop": leader_stop},
         state_file, os.path.dirname(os.path.abspath(config.get("__file__") or "x")),
-        interval, failed, lock_timeout, on_error, slots, systemd)
+        interval, failed, lock_timeout, on_error, slots, systemd, warmup)
     _here.configured, _here.loading, _here.call_site = options, config, site
 
 
@@ -316,11 +317,29 @@ def post_fork(server: Any, worker: Any) -> None:
 
 
 def post_worker_init(worker: Any) -> None:
-    """The worker loaded the application: mark its slot booted."""
+    """The worker loaded the application: its warm-up, if configured, then ``worker_start``,
+    then its slot marked booted. A warm-up that fails raises, so that Gunicorn fails the
+    worker's boot (a new master halts, a cold start fails)."""
     if _here.worker is not None:
+        _exit_through_python()
+        _warm_up(worker, _here.worker.options)
         with _guard(worker, "post_worker_init"):
-            _exit_through_python()
             _here.worker.booted()
+
+
+def _warm_up(worker: Any, options: Options) -> None:
+    if options.warmup is None:
+        return
+    from .warmup import WarmupFailed, prove  # here: only a worker with a warm-up loads it
+
+    # Gunicorn's own ASGI worker keeps its application as `asgi`, the others as `wsgi`.
+    app = getattr(worker, "asgi", None) or getattr(worker, "wsgi", None)
+    try:
+        prove(options.warmup, app, worker)
+    except WarmupFailed as failed:
+        worker.log.error("gunicorn_lifecycle: worker %s failed its %s; its boot fails",
+                         worker.pid, failed)
+        raise
 
 
 def _exit_through_python() -> None:

@@ -6,7 +6,7 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from .errors import LifecycleError
 
@@ -33,11 +33,13 @@ class Options:
     on_error: OnError = "log"
     slots: int = 256
     systemd: SystemdMode = "auto"
+    warmup: str | Callable[[Any], object] | None = None
 
     @classmethod
     def build(cls, callbacks: dict[str, Callbacks], state_file: str | os.PathLike[str] | None,
               base: str, interval: float, failed: float, lock_timeout: float,
-              on_error: OnError, slots: int, systemd: SystemdMode = "auto") -> Options:
+              on_error: OnError, slots: int, systemd: SystemdMode = "auto",
+              warmup: str | Callable[[Any], object] | None = None) -> Options:
         """Check every option; LifecycleError naming the first bad one and what would be right.
 
         A relative ``state_file`` is taken relative to ``base`` (the config file's
@@ -53,13 +55,18 @@ class Options:
             raise LifecycleError(f'systemd must be "auto", True or False; got {systemd!r}')
         if isinstance(slots, bool) or not isinstance(slots, int) or not 1 <= slots <= 65536:
             raise LifecycleError(f"slots must be a whole number from 1 to 65536; got {slots!r}")
+        if not (warmup is None or callable(warmup) or (isinstance(warmup, str)
+                and warmup.startswith("/"))):
+            raise LifecycleError("warmup must be a path to request in each new worker (\"/healthz"
+                                 "\"), a callable taking Gunicorn's worker, or None; got "
+                                 f"{warmup!r}")
         path = None
         if state_file is not None:
             if not isinstance(state_file, str | os.PathLike) or not os.fspath(state_file):
                 raise LifecycleError("state_file must be a path (str or os.PathLike) or None "
                                      f"for the default; got {state_file!r}")
             path = os.path.abspath(os.path.join(base, os.fspath(state_file)))
-        return cls(lists, path, interval, failed, lock_timeout, on_error, slots, systemd)
+        return cls(lists, path, interval, failed, lock_timeout, on_error, slots, systemd, warmup)
 
     def callbacks(self, name: str) -> tuple[Callback, ...]:
         return self.callback_lists.get(name, ())

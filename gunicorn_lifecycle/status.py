@@ -110,7 +110,10 @@ def snapshot(words: Words, fd: int) -> dict[str, Any]:
             "leader": leads,
         })
     return {"state_file": words.path, "unknown": unknown,
-            "generations": [generations[number] for number in sorted(generations)],
+            # Ordered by lineage, as the events are: a USR2 master's generations after all of
+            # its parent's, even one a HUP of the parent opened later, with a higher number.
+            "generations": sorted(generations.values(),
+                                  key=lambda g: (g["depth"], g["generation"])),
             "seen": seen(words)}
 
 

@@ -342,8 +342,9 @@ class Load:
         while not self._stop.is_set() and sent != each:
             began = time.monotonic()
             try:
-                if not s.request().startswith(b"HTTP/1.0 200"):
-                    self.failures.append("not 200")
+                status = s.request().split(b"\r\n", 1)[0]  # HTTP/1.0 or 1.1 (uvicorn)
+                if status.split()[1:2] != [b"200"]:
+                    self.failures.append(f"not 200: {status!r}")
             except OSError as exc:
                 self.failures.append(repr(exc))
             self.latencies.append(time.monotonic() - began)
@@ -366,6 +367,15 @@ def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120.0
     return subprocess.run([sys.executable, "-m", "gunicorn_lifecycle", *args],
                           capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})
+
+
+def one_line(done: subprocess.CompletedProcess[str]) -> str:
+    """A failed command's outcome: its last line on stderr (a line per step of progress comes
+    before it, all prefixed), nothing on stdout; without the prefix."""
+    lines = done.stderr.strip().splitlines()
+    assert done.stdout == "" and lines, done
+    assert all(line.startswith("gunicorn-lifecycle: ") for line in lines), done.stderr
+    return lines[-1].removeprefix("gunicorn-lifecycle: ")
 
 
 def alive(pid: int) -> bool:

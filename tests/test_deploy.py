@@ -21,16 +21,9 @@ from gunicorn_lifecycle.deploy import Failed, health
 from gunicorn_lifecycle.prometheus import render
 from gunicorn_lifecycle.statefile import default_path
 from gunicorn_lifecycle.status import read_status
-from harness import Load, Server, alive, check_record, cli, wait_for
+from harness import Load, Server, alive, check_record, cli, one_line, wait_for
 
 Make = Callable[..., Server]
-
-
-def one_line(done: subprocess.CompletedProcess[str]) -> str:
-    """The failure's single line on stderr (and nothing on stdout), without the prefix."""
-    assert done.stdout == "" and len(done.stderr.strip().splitlines()) == 1, done
-    assert done.stderr.startswith("gunicorn-lifecycle: "), done.stderr
-    return done.stderr.strip().removeprefix("gunicorn-lifecycle: ")
 
 
 def test_check_is_ok_when_ready_and_fails_with_a_reason_when_the_master_is_killed(
