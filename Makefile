@@ -16,8 +16,9 @@ run: $(STAMP)
 	cp gunicorn.conf.py.example $(VENV)/gunicorn.conf.py
 	exec $(BIN)/gunicorn -c $(VENV)/gunicorn.conf.py example_app.app:app
 
+# Two processes: the suite waits on real servers more than it computes (about 7 minutes).
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2
 
 lint: $(STAMP)
 	$(BIN)/mypy

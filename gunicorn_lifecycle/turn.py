@@ -8,7 +8,9 @@ clears its entry and moves SERVING to the next ticket whose process can take
 it, then wakes that ticket's waiter. A waiter sleeps in the kernel on the
 SERVING word (:mod:`futex`): no poll, no sleep that could outlast a handover.
 Tickets are served in the order they were given: a newcomer never overtakes
-a waiter, however often it comes back.
+a waiter, however often it comes back. A holder with several events to deliver
+keeps the turn from one to the next only while nobody waits; else it leaves
+and asks again, at the back (:meth:`.Transactions.run`).
 
 What is written, by whom (every write under the state lock, but one):
 
@@ -18,10 +20,12 @@ an entry's TICKET := 0                 its thread on leaving (without the lock
                                        too, when the lock cannot be had); anyone
                                        who finds its process dead
 SERVED_SINCE, then SERVING             whoever leaves, or passes over the holder
+SERVED_SINCE, the holder's WHAT        the holder, as each of its events is taken
 =====================================  ==========================================
 
 What a waiter reads without the lock: SERVING (one word: is it mine yet?),
-SERVED_SINCE (one word: since when the holder holds), and the holder's entry,
+SERVED_SINCE (one word: since when the holder made progress), the slots'
+PID, STARTED and STATE words (is a stopped holder found lost?), and the holder's entry,
 copied between two loads of its TICKET: the PID and STARTED read between two
 loads that both found the holder's ticket are that ticket's (TICKET is stored
 last when an entry is filled, first when it is cleared). A waiter acts on
@@ -35,10 +39,10 @@ run. A holder that is only slow (the GIL held for seconds) keeps the turn. A
 waiter that died is skipped when its ticket comes. A waiter that was passed
 over (it was stopped) asks again, at the back.
 
-A waiter *gives up* only when the holder has held the turn for longer than the
-waiter's timeout (the holder made no progress: it is frozen), never because
-others kept arriving; a newcomer that finds the holder frozen gives up at once,
-without a ticket. A waiter also stops when it is told to (a worker that
+A waiter *gives up* only when the holder has made no progress (taken no event)
+for longer than the waiter's timeout, as the lock confirms: it is frozen; never
+because others kept arriving. A newcomer that finds the holder frozen gives up
+at once, without a ticket. A waiter also stops when it is told to (a worker that
 Gunicorn stops while it waits to start). Whoever ends its wait, by any way,
 leaves: an exception a signal handler raises meanwhile included.
 """
@@ -65,7 +69,7 @@ from .layout import (
     queue_size,
 )
 from .lock import LockTimeout
-from .process import condition, is_alive, is_stopped
+from .process import condition
 from .state import State
 from .statefile import StateFile
 
@@ -192,8 +196,8 @@ class Turn:
             now = time.monotonic_ns()
             if now - since > limit and self._frozen(serving, timeout):
                 raise TurnTimeout(f"gave up on the turn for {what} in pid {self.pid} after "
-                                  f"{timeout:.1f}s: {self.holder_name()} has held it for "
-                                  f"{(now - since) / 1e9:.1f}s", serving)
+                                  f"{timeout:.1f}s: {self.holder_name()} has made no progress "
+                                  f"for {(now - since) / 1e9:.1f}s", serving)
             deadline = min(now + int(CHECK * 1e9), since + limit + 1) / 1e9
             self._wake_on().wait(serving, ticket % 32, deadline)
 
@@ -270,14 +274,14 @@ class Turn:
 
 def ask(state: State, pid: int, started: int, what: int, timeout: float) -> int:
     """A new ticket for the thread of ``pid``, the header's NEXT_TICKET; TurnTimeout, without
-    one, if the holder is frozen (it has held the turn for longer than ``timeout``)."""
+    one, if the holder is frozen (no progress for longer than ``timeout``)."""
     view, size = state.words.view, queue_size(state.slots)
     serving, ticket = view[H.SERVING], view[H.NEXT_TICKET]
     now = time.monotonic_ns()
     if serving < ticket and can_hold(state, serving) and now - view[H.SERVED_SINCE] > timeout * 1e9:
         raise TurnTimeout(f"gave up on the turn for {WHAT[what]} in pid {pid} at once: "
-                          f"{named(view, entry_at(state.slots, serving))} has held it for "
-                          f"{(now - view[H.SERVED_SINCE]) / 1e9:.1f}s (more than "
+                          f"{named(view, entry_at(state.slots, serving))} has made no "
+                          f"progress for {(now - view[H.SERVED_SINCE]) / 1e9:.1f}s (more than "
                           f"lock_timeout={timeout:g}s)", serving)
     at = entry_at(state.slots, ticket)
     older = view[at + Q.TICKET]
@@ -310,7 +314,8 @@ def pass_over(state: State, serving: int) -> int | None:
     if view[H.SERVING] != serving or can_hold(state, serving):
         return None
     at = entry_at(state.slots, serving)
-    if view[at + Q.TICKET] == serving and is_alive(view[at + Q.PID], view[at + Q.STARTED]):
+    if view[at + Q.TICKET] == serving and condition(view[at + Q.PID],
+                                                     view[at + Q.STARTED]) != "gone":
         state.note("gunicorn_lifecycle: %s holds the turn but is stopped, found lost by its "
                    "heartbeat; the others' callbacks go on without it", named(view, at))
     return advance(state, serving)
@@ -338,10 +343,9 @@ def can_hold(state: State, ticket: int) -> bool:
     process runs, and is not stopped and found lost by a sweep."""
     view, at = state.words.view, entry_at(state.slots, ticket)
     pid, started = view[at + Q.PID], view[at + Q.STARTED]
-    if view[at + Q.TICKET] != ticket or not is_alive(pid, started):
-        return False
-    return not (is_stopped(pid) and any((s.pid, s.started) == (pid, started)
-                                        for s in state.slots_in(SlotState.LOST)))
+    now = condition(pid, started) if view[at + Q.TICKET] == ticket else "gone"
+    return now == "running" or (now == "stopped" and not any(
+        (s.pid, s.started) == (pid, started) for s in state.slots_in(SlotState.LOST)))
 
 
 def reset(state: State) -> None:
@@ -350,11 +354,6 @@ def reset(state: State) -> None:
     for index in range(queue_size(state.slots)):
         view[queue + index * QUEUE_WORDS + Q.TICKET] = 0
     view[H.SERVING] = view[H.NEXT_TICKET]
-
-
-def is_free(state: State) -> bool:
-    """Nobody holds the turn, nobody waits for it."""
-    return state.words.view[H.SERVING] == state.words.view[H.NEXT_TICKET]
 
 
 def named(view: memoryview, at: int) -> str:

@@ -11,6 +11,7 @@ import contextlib
 import fcntl
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -20,6 +21,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import filelock
 
 REPO = Path(__file__).resolve().parent.parent
 # The console script, not `python -m gunicorn`: a USR2 re-exec of the latter runs gunicorn's
@@ -104,12 +107,14 @@ def gunicorn_release(version: str) -> Path:
     USR2 re-exec too: it inherits the environment).
     """
     target = Path(sys.prefix) / f"gunicorn-{version}"
-    if not (target / "gunicorn").is_dir():
-        partial = Path(f"{target}.partial")
-        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
-                        "--disable-pip-version-check", "--target", str(partial),
-                        f"gunicorn=={version}"], check=True, timeout=300)
-        partial.rename(target)
+    with filelock.FileLock(f"{target}.lock"):  # the suite's processes install it once
+        if not (target / "gunicorn").is_dir():
+            partial = Path(f"{target}.partial")
+            shutil.rmtree(partial, ignore_errors=True)  # an install cut short before
+            subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+                            "--disable-pip-version-check", "--target", str(partial),
+                            f"gunicorn=={version}"], check=True, timeout=300)
+            partial.rename(target)
     return target
 
 

@@ -186,7 +186,7 @@ def test_a_callback_blocking_past_lock_timeout_names_the_holder(server: Make) ->
     holder = s.wait_count("worker_start", 1)[0]["pid"]
     wait_for(lambda: "gave up on the turn for worker_start" in s.log_text(), "the turn timeout")
     line = next(x for x in s.log_text().splitlines() if "gave up on the turn" in x)
-    assert f"pid {holder} (worker_start) has held it for " in line and "after 1.0s" in line
+    assert f"pid {holder} (worker_start) has made no progress for " in line and "after 1.0s" in line
     assert "no worker_start callback" in line
     wait_for(lambda: len(s.live_workers(s.pid)) == 2, "both workers running")
     assert s.request().startswith(b"HTTP/1.0 200")
