@@ -96,3 +96,9 @@ def _kernel() -> _Kernel | None:
         return _Kernel(number)
     except (ImportError, OSError, AttributeError):  # no ctypes, no libc, no syscall in it
         return None
+
+
+def load() -> None:
+    """Load ``ctypes`` and libc's ``syscall`` now, once (the hooks do, at the config's import,
+    so that a master's workers share it)."""
+    _kernel()

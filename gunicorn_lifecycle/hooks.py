@@ -19,6 +19,7 @@ from typing import Any
 
 from gunicorn.systemd import sd_notify
 
+from . import futex
 from .errors import LifecycleError, StateDamaged
 from .events import CallbackFailed
 from .lock import LockTimeout
@@ -29,6 +30,7 @@ from .systemd import Systemd
 from .transaction import Transactions
 from .worker import Worker
 
+futex.load()  # here, in the master before it forks (its workers share it), not in on_starting
 _HANDED_DOWN = "GUNICORN_LIFECYCLE_STATE"  # "<master pid>:<path>", for the master's USR2 child
 HOOKS = ("on_starting", "on_reload", "post_fork", "post_worker_init", "worker_exit",
          "worker_abort", "child_exit", "nworkers_changed", "on_exit")
@@ -193,7 +195,7 @@ def on_starting(server: Any) -> None:
     with _guard(server, "on_starting"):
         options = _options(server)
         path = _state_path(server, options)
-        if path == default_path(server.cfg.bind):
+        if options.state_file is None and path == default_path(server.cfg.bind):
             make_default_directory(os.path.dirname(path))
         state_file = open_for_server(path, options.slots)
         server.log.info("gunicorn_lifecycle: state file %s", path)

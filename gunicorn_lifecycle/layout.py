@@ -10,7 +10,7 @@ can be loaded and stored with one machine access (see :mod:`protocol`)::
                    (two per worker slot, one per generation; see :mod:`turn`)
 
 Each generation and slot record starts with a sequence word (:mod:`protocol`).
-Header words 19 to 31 are reserved: zero, and ignored by this version. The
+Header words 20 to 31 are reserved: zero, and ignored by this version. The
 tallies (from word 32) count, per reason, the generations opened and closed and
 the workers lost since the file was made, for monitoring.
 """
@@ -47,7 +47,8 @@ class H(enum.IntEnum):
     RESTART_DUE = 15  # a crash closed the last open generation: the next start is "restart"
     LEADER = 16  # the term and the leader's slot in one word: the one word a beat reads (leader)
     LEADER_TOKEN = 17  # the leader slot's registration token when it was elected
-    RELEASES = 18  # counts the state lock's releases (lock): a futex its waiters sleep on
+    RELEASES = 18  # changes at each release of the state lock (lock): its waiters' futex
+    LOCK_WAITERS = 19  # 1 while a process sleeps on RELEASES: a release then wakes it
     OPENED_TALLY = 32  # 16 words: generations opened, indexed by Reason
     CLOSED_TALLY = 48  # 16 words: generations closed, by Reason
     LOST_TALLY = 64  # 16 words: workers lost, by Reason
@@ -227,12 +228,12 @@ def file_size(slots: int) -> int:
 
 def new_file(slots: int) -> bytes:
     """The contents of a fresh state file: every record free, generation numbers from 1."""
-    words = [0] * file_words(slots)
-    words[H.MAGIC], words[H.VERSION] = MAGIC, VERSION
-    words[H.GENERATIONS], words[H.SLOTS] = GENERATIONS, slots
-    words[H.NEXT_GENERATION] = words[H.NEXT_TOKEN] = 1
-    words[H.SERVING] = words[H.NEXT_TICKET] = 1
-    return b"".join(w.to_bytes(WORD, "little") for w in words)
+    data = bytearray(file_size(slots))  # every other word is 0
+    for word, value in ((H.MAGIC, MAGIC), (H.VERSION, VERSION), (H.GENERATIONS, GENERATIONS),
+                        (H.SLOTS, slots), (H.NEXT_GENERATION, 1), (H.NEXT_TOKEN, 1),
+                        (H.SERVING, 1), (H.NEXT_TICKET, 1)):
+        data[word * WORD : (word + 1) * WORD] = value.to_bytes(WORD, "little")
+    return bytes(data)
 
 
 def is_cut_short(data: bytes) -> bool:

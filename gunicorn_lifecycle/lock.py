@@ -7,10 +7,14 @@ flock belongs to an open file description, which a fork shares with the child,
 so each process locks through a description of its own (a forked child gets
 one at the fork, see :mod:`statefile`: the same file, never another one at the
 same path). filelock's descriptor lock takes the flock without waiting; a
-waiter reads the header's RELEASES word, tries, and sleeps on that word
-(:mod:`futex`) while it is unchanged; every holder, once it released the
-flock, stores a new value there and wakes the waiters: a waiter learns of a
-release at once, and no poll's sleep outlasts it. (A holder
+waiter reads the header's RELEASES word, tries, says it waits (LOCK_WAITERS),
+tries again, and sleeps on RELEASES (:mod:`futex`) while it is unchanged; every
+holder, once it released the flock, stores a new value there and, when someone
+said it waits, wakes the waiters: a waiter learns of a release at once, and no
+poll's sleep outlasts it, while a release nobody waits for costs no system
+call. (A waiter that says it waits just after a release looked is what its
+second try is for; the rare one that still sleeps through a release learns of
+it at its next look, within :data:`LOOK`. A holder
 killed in its section releases the flock without a word: its waiters find out
 at their next look, within :data:`LOOK`.) The threads of one process exclude
 each other with a real reentrant lock, which also lets a thread that an
@@ -97,27 +101,32 @@ class StateLock:
         if not acquired:
             raise self._timeout(timeout, what, lambda: "another thread of this process")
         try:
-            view = self.file.words.view
+            view, fd = self.file.words.view, self.file.fd
             while True:
                 if not self.file.intact():  # before the mapping is touched
                     self.file.verify()  # StateDamaged, saying what changed
                 seen = view[H.RELEASES]  # read before the try: a release after it changes it
-                if filelock.lock_descriptor(self.file.fd, blocking=False):
+                if filelock.lock_descriptor(fd, blocking=False):
                     break
                 now = time.monotonic()
                 if now >= deadline:
                     raise self._timeout(timeout, what, holder)
+                view[H.LOCK_WAITERS] = 1
+                if filelock.lock_descriptor(fd, blocking=False):
+                    break
                 self._sleeper().wait(seen, 0, min(deadline, now + LOOK))
             self._stalled = False
             try:
                 yield
             finally:
-                filelock.unlock_descriptor(self.file.fd)
+                filelock.unlock_descriptor(fd)
                 # Then a value no waiter has read yet: one that read the word before its try
                 # failed sleeps only while the word is unchanged.
                 if self.file.intact():
                     view[H.RELEASES] = time.monotonic_ns()
-                    self._sleeper().wake(0)
+                    if view[H.LOCK_WAITERS]:
+                        view[H.LOCK_WAITERS] = 0
+                        self._sleeper().wake(0)
         finally:
             self._threads.release()
 

@@ -282,6 +282,11 @@ def open_for_reading(path: str) -> StateFile:
 
 def _cut_short(fd: int) -> bool:
     size = os.fstat(fd).st_size
+    if size >= layout.HEADER_WORDS * layout.WORD:  # a whole file for its capacity is not
+        declared = int.from_bytes(os.pread(fd, layout.WORD, layout.H.SLOTS * layout.WORD),
+                                  "little")
+        if 1 <= declared <= 65536 and size == layout.file_size(declared):
+            return False
     return size < layout.file_size(65536) and layout.is_cut_short(os.pread(fd, size, 0))
 
 

@@ -32,6 +32,7 @@ from .process import own_start_time
 from .state import Slot, State
 from .transaction import Courier, Transactions
 
+NEWS = 0.5  # at a shorter interval a beat learns of an election soon enough by itself
 # The beat's names, bound once: it runs every interval in every worker.
 _LEADER, _NEXT_SWEEP, _SEEK_END = int(H.LEADER), int(H.NEXT_SWEEP), os.SEEK_END
 _clock, _lseek = time.monotonic_ns, os.lseek
@@ -70,6 +71,7 @@ class Worker:
         self._leaving = False
         self._start_owed = False  # registered, its worker_start not yet delivered (nor given up)
         self._was_counted = False  # its start or resume took effect (under the lock)
+        self._slept_on = 0  # the leader word the heartbeat last slept on
 
     def start(self) -> None:
         """post_fork: register and start beating; no callback runs here.
@@ -159,10 +161,15 @@ class Worker:
         worker's slot is woken for it (it was elected: its ``leader_start`` comes at once, not
         an interval later; see :meth:`Transactions.bookkeeping`)."""
         index, deadline = self.index, time.monotonic() + seconds
-        if index is None or _lseek(self._fd, 0, _SEEK_END) != self._size:
-            threads.sleep(seconds)
+        if seconds <= NEWS or index is None or _lseek(self._fd, 0, _SEEK_END) != self._size:
+            threads.sleep(seconds)  # a beat comes soon anyway: a futex's wait costs more CPU
             return
-        self.tx.leader_news.wait(self._view[_LEADER], index % 32, deadline)
+        # Asleep while the word is the one the worker last acted on: a change since, even
+        # one just before this sleep, wakes it at once, once per word it has not slept on yet.
+        word = self._view[_LEADER]
+        expected, self._slept_on = (word if word == self._slept_on else
+                                    self.leadership.seen), word
+        self.tx.leader_news.wait(expected, index % 32, deadline)
 
     def _stop(self, why: LifecycleError) -> None:
         self.heartbeat.stop()
